@@ -1,0 +1,56 @@
+"""Defaults shared by every config; a data set's config imports this and overrides what differs.
+
+Not a run on its own: use configs/synthetic.py, configs/digits.py or configs/npz.py.
+"""
+import ml_collections
+
+
+def get_config():
+  config = ml_collections.ConfigDict()
+  config.seed = 0
+
+  # Length: num_train_steps > 0 wins; otherwise num_epochs of the train split, clipped to
+  # [min_train_steps, max_train_steps] (max_train_steps <= 0: no cap).
+  config.batch_size = 128          # global batch, split over all devices of all processes
+  config.eval_batch_size = 256
+  config.num_epochs = 30.0
+  config.num_train_steps = -1
+  config.min_train_steps = 0
+  config.max_train_steps = -1
+
+  config.log_every_steps = 50
+  config.eval_every_steps = -1     # <= 0: once per epoch
+  config.checkpoint_every_steps = -1  # <= 0: at every evaluation
+  config.keep_checkpoints = 2      # latest N kept, plus the best on validation
+  config.selection_metric = "accuracy"  # validation metric that picks the best checkpoint
+  config.early_stopping_patience = -1   # evaluations without a gain before stopping; <= 0: never
+  config.parallel = "jit"          # 'jit' (Mesh + NamedSharding) or 'pmap'
+
+  config.optimizer = ml_collections.ConfigDict()
+  config.optimizer.name = "adamw"  # adamw | sgd | rmsprop
+  config.optimizer.learning_rate = 1e-3
+  config.optimizer.weight_decay = 1e-4
+  config.optimizer.momentum = 0.0  # sgd only
+  config.optimizer.grad_clip_norm = 8.0  # global norm over all experts; <= 0: none
+  config.optimizer.schedule = "cosine"   # cosine | constant
+  config.optimizer.warmup_steps = 0
+
+  config.model = ml_collections.ConfigDict()
+  config.model.kind = "i2m2"       # i2m2 | intra | inter | uni
+  config.model.modality = ""       # the modality of kind 'uni'
+  config.model.fusion = "late_fusion"  # the joint expert's fusion
+  config.model.encoders = ml_collections.ConfigDict()        # modality -> encoder name
+  config.model.encoder_kwargs = ml_collections.ConfigDict()  # modality -> encoder arguments
+  config.model.joint_encoder_kwargs = ml_collections.ConfigDict()  # same, for the joint expert
+  config.model.head_hidden = (128,)
+  config.model.dropout_rate = 0.0
+  # Initialise experts from other runs' best checkpoints: "expert=workdir[,expert=workdir]",
+  # e.g. "uni_image=runs/img,joint=runs/lf" (the paper's staged recipe).
+  config.model.init_from = ""
+
+  config.data = ml_collections.ConfigDict()
+  config.data.name = ""
+  config.data.data_dir = ""        # TFDS build cache; "" means ~/tensorflow_datasets
+  config.data.manual_dir = ""      # folder holding files the user downloaded
+  config.data.standardize = True   # inputs standardised with training-split statistics
+  return config
