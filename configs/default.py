@@ -38,7 +38,8 @@ def get_config():
   config.model = ml_collections.ConfigDict()
   config.model.kind = "i2m2"       # i2m2 | intra | inter | uni
   config.model.modality = ""       # the modality of kind 'uni'
-  config.model.fusion = "late_fusion"  # the joint expert's fusion
+  config.model.fusion = "late_fusion"  # the joint expert's fusion: late_fusion | lrtf
+  config.model.fusion_kwargs = ml_collections.ConfigDict()  # e.g. {'rank': 40} for lrtf
   config.model.encoders = ml_collections.ConfigDict()        # modality -> encoder name
   config.model.encoder_kwargs = ml_collections.ConfigDict()  # modality -> encoder arguments
   config.model.joint_encoder_kwargs = ml_collections.ConfigDict()  # same, for the joint expert

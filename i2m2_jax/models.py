@@ -198,6 +198,13 @@ def _config_entry(config_dict, key: str, default=None):
   return config_dict.get(key, default)
 
 
+def _as_kwargs(config_dict) -> dict[str, Any]:
+  """Keyword arguments from a ConfigDict, a dict or None."""
+  if not config_dict:
+    return {}
+  return dict(config_dict.to_dict() if hasattr(config_dict, "to_dict") else config_dict)
+
+
 def _encoder_for(modality: str, shape: Sequence[int], model_config, joint: bool) -> nn.Module:
   """The encoder of one modality: config.model.encoders[modality], else the default for the
   example's rank, with config.model.encoder_kwargs[modality] (for the joint expert
@@ -214,8 +221,7 @@ def _encoder_for(modality: str, shape: Sequence[int], model_config, joint: bool)
   kwargs = _config_entry(model_config.get("encoder_kwargs"), modality)
   if joint:
     kwargs = _config_entry(model_config.get("joint_encoder_kwargs"), modality, kwargs)
-  kwargs = dict(kwargs.to_dict() if hasattr(kwargs, "to_dict") else (kwargs or {}))
-  return ENCODERS[name](**kwargs)
+  return ENCODERS[name](**_as_kwargs(kwargs))
 
 
 # name -> joint-expert class, built as cls(encoders=((modality, encoder), ...), head=..., dropout_rate=...).
@@ -239,7 +245,8 @@ def build_expert(name: str, modality_shapes: Mapping[str, Sequence[int]], num_cl
                        f"{sorted(FUSIONS)}.")
     encoders = tuple((m, _encoder_for(m, s, model_config, joint=True))
                      for m, s in modality_shapes.items())
-    return FUSIONS[fusion](encoders=encoders, head=head, dropout_rate=dropout)
+    return FUSIONS[fusion](encoders=encoders, head=head, dropout_rate=dropout,
+                           **_as_kwargs(model_config.get("fusion_kwargs")))
   modality = expert_modalities(name, list(modality_shapes))[0]
   encoder = _encoder_for(modality, modality_shapes[modality], model_config, joint=False)
   return UniModalExpert(modality, encoder, head, dropout)
@@ -253,3 +260,6 @@ def build_model(model_config, modality_shapes: Mapping[str, Sequence[int]],
   names = expert_names(model_config.kind, list(modality_shapes), model_config.get("modality", ""))
   return MultiModalClassifier(tuple(
       (n, build_expert(n, modality_shapes, num_classes, model_config)) for n in names))
+
+
+from i2m2_jax import paper_models  # noqa: E402,F401  pylint: disable=g-import-not-at-top  (registers the paper's encoders and fusions)

@@ -54,4 +54,4 @@ def load_dataset(data_config) -> Dataset:
 
 def _import_builtin_datasets():
   # Imported lazily so that `import i2m2_jax` stays light and free of TFDS.
-  from i2m2_jax.datasets import digits, npz, synthetic  # noqa: F401  pylint: disable=g-import-not-at-top
+  from i2m2_jax.datasets import avmnist, digits, mimic, npz, synthetic  # noqa: F401  pylint: disable=g-import-not-at-top

@@ -1,0 +1,54 @@
+"""Your own multi-modal data from .npz files (i2m2_jax/datasets/npz.py).
+
+`--config.data.path=DIR` names a folder with train.npz and test.npz (optionally val.npz; otherwise
+`val_fraction` of train is held out, stratified, seeded by `split_seed`). Each file holds `label`
+(integers 0..C-1, shape [N]) and one array per modality under any other key: vectors [N, D]
+(MLP encoder), sequences [N, T, F] (GRU), images [N, H, W, C] (CNN); float32 or uint8. Pick other
+encoders with --config.model.encoders.<modality>=mlp|gru|conv1d|cnn.
+
+Length: 20 epochs of batch 128, clipped to 500..50000 steps, which suits 1k to 1M examples.
+
+  python -m i2m2_jax.main --config configs/npz.py --workdir runs/mydata_i2m2 \\
+      --config.data.path=/path/to/folder
+  python -m i2m2_jax.main --config configs/npz.py --workdir runs/mydata_inter \\
+      --config.data.path=/path/to/folder --config.model.kind=inter
+  python -m i2m2_jax.main --config configs/npz.py:smoke --workdir /tmp/smoke \\
+      --config.data.path=/path/to/folder  # seconds
+
+Expected result: TODO
+"""
+from configs import default
+
+
+def get_config(arg=None):
+  config = default.get_config()
+  config.data.name = "npz"
+  config.data.path = ""           # folder holding train.npz, test.npz [, val.npz]
+  config.data.val_fraction = 0.1  # held out of train.npz when there is no val.npz
+  config.data.split_seed = 0
+  config.data.num_classes = -1    # <= 0: max(train label) + 1
+  config.data.in_memory_max_mb = 512  # splits up to this size are read into RAM once
+
+  config.batch_size = 128
+  config.eval_batch_size = 256
+  config.num_epochs = 20.0
+  config.min_train_steps = 500
+  config.max_train_steps = 50000
+  config.log_every_steps = 100
+  config.optimizer.name = "adamw"
+  config.optimizer.learning_rate = 1e-3
+  config.optimizer.schedule = "cosine"
+
+  if arg == "smoke":
+    _smoke(config)
+  return config
+
+
+def _smoke(config):
+  """A run of a few seconds on CPU, for tests."""
+  config.num_train_steps = 20
+  config.batch_size = 32
+  config.eval_batch_size = 64
+  config.eval_every_steps = 10
+  config.log_every_steps = 5
+  config.model.head_hidden = (16,)

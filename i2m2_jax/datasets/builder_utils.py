@@ -1,0 +1,142 @@
+"""Shared plumbing for the TFDS builders: cache names from knobs, build-then-read, in-memory splits.
+
+Every builder here is a `tfds.core.GeneratorBasedBuilder` written as array_record (readable without
+TensorFlow) and read back with `builder.as_data_source(split)`. The knobs that change the data
+go into a `KnobsConfig` whose name is a short hash of them, so a cached build is reused only for
+the very same knobs (see `knobs_config`).
+
+Small splits are then copied into memory (`InMemorySource`): an ArrayRecordDataSource decodes
+each example on every read (~50 us), i.e. ~6 ms per batch of 128 -- more than a training step of
+the small models here -- while an in-memory example costs a few microseconds.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import tensorflow_datasets as tfds
+
+from i2m2_jax.datasets import SPLITS
+from i2m2_jax.input_pipeline import InMemorySource
+
+# Trainer split name -> TFDS split name.
+TFDS_SPLIT_NAMES = {"train": "train", "val": "validation", "test": "test"}
+
+# Splits up to this many (serialised) bytes are read into memory once (see module docstring);
+# config.data.in_memory_max_mb overrides it.
+DEFAULT_IN_MEMORY_MAX_BYTES = 512 * 2**20
+
+
+@dataclasses.dataclass(eq=False)
+class KnobsConfig(tfds.core.BuilderConfig):
+  """A BuilderConfig that carries the data knobs its builder reads (JSON-able values)."""
+  knobs: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+def short_hash(value: Any, length: int = 12) -> str:
+  """A stable hex digest of a JSON-able value (dict keys sorted)."""
+  text = json.dumps(value, sort_keys=True, separators=(",", ":"), default=_json_default)
+  return hashlib.sha256(text.encode()).hexdigest()[:length]
+
+
+def _json_default(value):
+  if isinstance(value, np.generic):
+    return value.item()
+  if isinstance(value, (tuple, np.ndarray)):
+    return list(value)
+  raise TypeError(f"Not JSON-able: {value!r}")
+
+
+class _DropCustomConfigWarning(logging.Filter):
+  """TFDS warns 'Using custom data configuration' on every load of a KnobsConfig; that is the
+  design here, not a problem, so the message is dropped."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return not str(record.msg).startswith("Using custom data configuration")
+
+
+logging.getLogger("absl").addFilter(_DropCustomConfigWarning())
+
+
+def knobs_config(knobs: Mapping[str, Any], description: str = "") -> KnobsConfig:
+  """A config named after the hash of `knobs`: other knobs, other name, so no stale cache."""
+  knobs = json.loads(json.dumps(dict(knobs), default=_json_default))  # plain, comparable values
+  return KnobsConfig(name=f"h{short_hash(knobs)}", description=description or None, knobs=knobs)
+
+
+def data_dir_from_config(data_config) -> str | None:
+  """config.data.data_dir, with "" meaning the TFDS default (TFDS_DATA_DIR or
+  ~/tensorflow_datasets)."""
+  data_dir = data_config.get("data_dir", "") or ""
+  return os.path.expanduser(data_dir) if data_dir else None
+
+
+def prepare(builder_cls, config: KnobsConfig, data_dir: str | None,
+            **builder_attrs) -> tfds.core.DatasetBuilder:
+  """Builds `builder_cls(config)` into data_dir as array_record unless that build exists.
+
+  `builder_attrs` are set on the builder before preparing (e.g. arrays a loader validated already),
+  so a builder need not read its inputs twice. Several processes may build the same data set at
+  once: each writes into its own temporary folder and the loser of the final rename finds the
+  winner's build, which it then uses.
+  """
+  builder = builder_cls(config=config, data_dir=data_dir, file_format="array_record")
+  if builder.is_prepared():
+    return builder
+  for name, value in builder_attrs.items():
+    setattr(builder, name, value)
+  try:
+    builder.download_and_prepare()
+  except Exception:  # pylint: disable=broad-except
+    builder = builder_cls(config=config, data_dir=data_dir, file_format="array_record")
+    if not builder.is_prepared():
+      raise
+    logging.info("%s/%s was built by another process meanwhile; using that build.",
+                 builder.name, config.name)
+  return builder
+
+
+def in_memory_limit_bytes(data_config) -> int:
+  """config.data.in_memory_max_mb (optional; default 512, <= 0: never) in bytes."""
+  megabytes = data_config.get("in_memory_max_mb", DEFAULT_IN_MEMORY_MAX_BYTES / 2**20)
+  return int(megabytes * 2**20)
+
+
+def split_sources(builder: tfds.core.DatasetBuilder,
+                  in_memory_max_bytes: int = DEFAULT_IN_MEMORY_MAX_BYTES) -> dict[str, Any]:
+  """{'train'|'val'|'test': random-access source} of a prepared builder; small splits in memory."""
+  sources = {}
+  for split in SPLITS:
+    tfds_split = TFDS_SPLIT_NAMES[split]
+    source = builder.as_data_source(tfds_split)
+    num_bytes = builder.info.splits[tfds_split].num_bytes
+    if in_memory_max_bytes > 0 and num_bytes <= in_memory_max_bytes:
+      source = InMemorySource.from_source(source)
+    sources[split] = source
+  return sources
+
+
+def stratified_partition(labels: np.ndarray, fractions: Sequence[float],
+                         seed: int) -> list[np.ndarray]:
+  """Splits indices 0..N-1 into len(fractions) parts keeping each class's proportions.
+
+  Per class, a seeded permutation of its indices is cut at round(cumsum(fractions) * n_class).
+  Each part is returned sorted, so examples keep their original order. Deterministic in
+  (labels, fractions, seed).
+  """
+  labels = np.asarray(labels)
+  fractions = np.asarray(fractions, dtype=np.float64)
+  fractions = fractions / fractions.sum()
+  rng = np.random.default_rng(seed)
+  parts = [[] for _ in fractions]
+  for cls in np.unique(labels):  # sorted, so the rng draws in a fixed order
+    members = rng.permutation(np.flatnonzero(labels == cls))
+    bounds = np.round(np.cumsum(fractions)[:-1] * len(members)).astype(int)
+    for part, chunk in zip(parts, np.split(members, bounds)):
+      part.append(chunk)
+  return [np.sort(np.concatenate(p)).astype(np.int64) for p in parts]

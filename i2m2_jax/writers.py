@@ -1,0 +1,208 @@
+"""Metric logging without TensorFlow: TensorBoard event files (tensorboardX) + a JSON-lines log.
+
+`MetricWriter` keeps clu's method names (`write_scalars`, `write_hparams`, `flush`, `close`) but
+never imports TensorFlow (clu.metric_writers and flax.metrics.tensorboard do). In a multi-host job
+only process 0 writes: build it with `enabled=jax.process_index() == 0`; a disabled writer creates
+no file at all.
+
+Files under `workdir`:
+  tensorboard/events.out.tfevents.*   scalars and hparams, for TensorBoard
+  metrics.jsonl                       one JSON object per `write_scalars` call: {"step": s, ...}
+  hparams.json                        the last `write_hparams` dict, nested as given
+
+`ProgressBar` is a tqdm bar over training steps showing steps/s and the ETA.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+from typing import Any, Mapping
+
+import jax
+import numpy as np
+
+JSONL_NAME = "metrics.jsonl"
+HPARAMS_NAME = "hparams.json"
+TENSORBOARD_DIR = "tensorboard"
+
+
+def _to_scalar(name: str, value: Any) -> int | float | bool:
+  """A Python int/float/bool from a Python, NumPy or JAX scalar (or size-1 array)."""
+  if isinstance(value, (bool, int, float)):
+    return value
+  array = np.asarray(jax.device_get(value))
+  if array.size != 1 or not (np.issubdtype(array.dtype, np.number) or array.dtype == bool):
+    raise ValueError(f"write_scalars: {name!r} is not a numeric scalar "
+                     f"(shape {array.shape}, dtype {array.dtype}).")
+  return array.reshape(()).item()
+
+
+def flatten_scalars(scalars: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+  """Nested dicts to 'a/b' names: {'val': {'acc': 1, 'experts': {'joint': 2}}} ->
+  {'val/acc': 1, 'val/experts/joint': 2}."""
+  flat: dict[str, Any] = {}
+  for key, value in scalars.items():
+    name = f"{prefix}{key}"
+    if isinstance(value, Mapping):
+      flat.update(flatten_scalars(value, prefix=name + "/"))
+    else:
+      flat[name] = value
+  return flat
+
+
+def _hparam_value(value: Any) -> int | float | bool | str:
+  # The TensorBoard hparams plugin takes only bool/number/string values.
+  if isinstance(value, (bool, int, float, str)):
+    return value
+  if isinstance(value, (np.generic, jax.Array)) and np.asarray(value).size == 1:
+    return np.asarray(value).item()
+  return str(value)
+
+
+def _to_json(value: Any) -> Any:
+  if isinstance(value, Mapping):
+    return {str(k): _to_json(v) for k, v in value.items()}
+  if isinstance(value, (list, tuple)):
+    return [_to_json(v) for v in value]
+  if isinstance(value, (np.generic, np.ndarray, jax.Array)):
+    return np.asarray(value).tolist()
+  if isinstance(value, (str, int, float, bool)) or value is None:
+    return value
+  return str(value)
+
+
+class MetricWriter:
+  """Writes scalars to TensorBoard and `metrics.jsonl` under `workdir` (nothing if disabled).
+
+  Args:
+    workdir: the run's directory (created if needed).
+    enabled: False on processes other than 0: every method is then a no-op.
+  """
+
+  def __init__(self, workdir: str, *, enabled: bool = True):
+    self._enabled = enabled
+    self._workdir = os.fspath(workdir)
+    self._tb = None
+    self._jsonl = None
+    if not enabled:
+      return
+    from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+
+    os.makedirs(self._workdir, exist_ok=True)
+    self._tb = SummaryWriter(logdir=os.path.join(self._workdir, TENSORBOARD_DIR),
+                             flush_secs=30)
+    # Appending: a resumed run continues the same log (steps may then repeat after a restart).
+    self._jsonl = open(os.path.join(self._workdir, JSONL_NAME), "a", encoding="utf-8")
+
+  @property
+  def enabled(self) -> bool:
+    return self._enabled
+
+  def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
+    """Logs numeric scalars at `step`. Nested dicts are flattened to 'a/b' names.
+
+    JSON gets Python floats/ints; NaN and inf are written as NaN/Infinity (Python's json reads
+    them).
+    """
+    if not self._enabled:
+      return
+    step = int(step)
+    values = {name: _to_scalar(name, v) for name, v in flatten_scalars(scalars).items()}
+    if "step" in values:
+      raise ValueError("write_scalars: 'step' is reserved for the step number.")
+    for name, value in values.items():
+      self._tb.add_scalar(name, float(value), global_step=step)
+    self._jsonl.write(json.dumps({"step": step, **values}) + "\n")
+
+  def write_hparams(self, hparams: Mapping[str, Any]) -> None:
+    """Records hyper-parameters: `hparams.json` (nested) and TensorBoard's hparams tab (flat)."""
+    if not self._enabled:
+      return
+    # pylint: disable-next=g-import-not-at-top
+    from tensorboardX.summary import hparams as hparams_summary
+
+    with open(os.path.join(self._workdir, HPARAMS_NAME), "w", encoding="utf-8") as f:
+      json.dump(_to_json(hparams), f, indent=2, sort_keys=True)
+    flat = {k: _hparam_value(v) for k, v in flatten_scalars(hparams).items()}
+    # Into this run's own event file (tensorboardX's add_hparams would start a new run dir).
+    file_writer = self._tb._get_file_writer()  # pylint: disable=protected-access
+    for summary in hparams_summary(flat, {}):
+      file_writer.add_summary(summary)
+
+  def flush(self) -> None:
+    if not self._enabled:
+      return
+    self._jsonl.flush()
+    self._tb.flush()
+
+  def close(self) -> None:
+    if not self._enabled or self._jsonl is None:
+      return
+    self._jsonl.close()
+    self._tb.close()
+    self._jsonl = self._tb = None
+    self._enabled = False
+
+  def __enter__(self) -> "MetricWriter":
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.close()
+
+
+def _format_postfix(value: Any) -> str:
+  try:
+    number = float(np.asarray(jax.device_get(value)))
+  except (TypeError, ValueError):
+    return str(value)
+  if math.isfinite(number) and number == int(number) and abs(number) < 1e9:
+    return str(int(number))
+  return f"{number:.4g}"
+
+
+class ProgressBar:
+  """A tqdm bar over training steps (shows steps/s and the ETA) on stderr.
+
+  Args:
+    total_steps: the step at which training ends.
+    initial_step: the step training starts from (e.g. after a resume).
+    enabled: False on processes other than 0 (then it prints nothing).
+    mininterval: seconds between redraws; by default 1 s on a terminal and 30 s otherwise, so
+      that logs redirected to a file stay short.
+  """
+
+  def __init__(self, total_steps: int, initial_step: int = 0, enabled: bool = True, *,
+               desc: str = "train", mininterval: float | None = None):
+    from tqdm import tqdm  # pylint: disable=g-import-not-at-top
+
+    if mininterval is None:
+      mininterval = 1.0 if sys.stderr.isatty() else 30.0
+    self._step = int(initial_step)
+    self._bar = tqdm(total=int(total_steps), initial=self._step, disable=not enabled,
+                     desc=desc, unit="step", mininterval=mininterval, dynamic_ncols=True,
+                     file=sys.stderr, smoothing=0.05)
+
+  def update(self, step: int, postfix: Mapping[str, Any] | None = None) -> None:
+    """Moves the bar to `step` (absolute) and shows `postfix` (e.g. {'loss': 0.3}) beside it."""
+    step = int(step)
+    if postfix:
+      self._bar.set_postfix({k: _format_postfix(v) for k, v in postfix.items()}, refresh=False)
+    if step > self._step:
+      self._bar.update(step - self._step)
+      self._step = step
+
+  @property
+  def rate(self) -> float | None:
+    """Steps per second as tqdm measures it (None before it has a measurement)."""
+    return self._bar.format_dict.get("rate")
+
+  def close(self) -> None:
+    self._bar.close()
+
+  def __enter__(self) -> "ProgressBar":
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.close()
