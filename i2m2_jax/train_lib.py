@@ -156,10 +156,13 @@ def pmap_train_step(state: TrainState, batch: Batch, *, preprocess,
 
 
 def eval_step(state: TrainState, batch: Batch, *, preprocess, present=None) -> dict:
-  """Masked metric sums of one padded batch; `present` drops experts from the product."""
+  """Masked metric sums of one padded batch, plus the per-example probability of class 1 (for
+  AUROC/AUPRC of binary tasks). `present` drops experts from the product."""
   outputs = state.apply_fn(_variables(state.params, state.batch_stats),
                            preprocess(batch["inputs"]), train=False, present=present)
-  return task.eval_sums(outputs, batch)
+  positive = jnp.exp(outputs["log_probs"][:, min(1, outputs["log_probs"].shape[-1] - 1)])
+  return {"sums": task.eval_sums(outputs, batch), "positive_prob": positive,
+          "label": batch["label"], "mask": batch["mask"]}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -198,7 +201,8 @@ def pmapped_train_step(preprocess, step_fn=pmap_train_step):
 def jit_eval_step(preprocess, mesh: Mesh, present=None, step_fn=eval_step):
   repl, data = replicated(mesh), data_sharded(mesh)
   return jax.jit(functools.partial(step_fn, preprocess=preprocess, present=present),
-                 in_shardings=(repl, data), out_shardings=repl)
+                 in_shardings=(repl, data),
+                 out_shardings={"sums": repl, "positive_prob": data, "label": data, "mask": data})
 
 
 def split_for_pmap(local_batch: Batch) -> Batch:
@@ -222,6 +226,13 @@ def to_host(tree):
       x = x.addressable_shards[0].data
     return np.asarray(jax.device_get(x))
   return jax.tree.map(fetch, tree)
+
+
+def gather_to_host(tree):
+  """Host numpy copy of data-sharded arrays, gathered from every process."""
+  if jax.process_count() == 1:
+    return jax.tree.map(lambda x: np.asarray(jax.device_get(x)), tree)
+  return jax.tree.map(np.asarray, multihost_utils.process_allgather(tree, tiled=True))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -284,14 +295,23 @@ def _check_same_shapes(expected, got, where: str):
 
 def evaluate(eval_fn, state: TrainState, source, dataset: Dataset, batch_size: int,
              mesh: Mesh) -> dict[str, Any]:
-  """Exact metrics over a whole split: padded batches, masked sums added on the host."""
-  sums = None
+  """Exact metrics over a whole split: padded batches, masked sums added on the host. Binary
+  tasks also get `auroc` and `auprc` of the product's probability of class 1."""
+  sums, scores = None, []
   for local in input_pipeline.eval_batches(
       source, batch_size=batch_size // jax.process_count(), process_index=jax.process_index(),
       process_count=jax.process_count(), modalities=list(dataset.modalities)):
-    batch_sums = to_host(eval_fn(state, global_batch(local, mesh)))
-    sums = metrics.add_sums(sums, jax.tree.map(lambda x: np.asarray(x, np.float64), batch_sums))
-  return metrics.summarize(sums)
+    out = eval_fn(state, global_batch(local, mesh))
+    sums = metrics.add_sums(sums, to_host(out["sums"]))
+    if dataset.num_classes == 2:
+      scores.append(gather_to_host({k: out[k] for k in ("positive_prob", "label", "mask")}))
+  result = metrics.summarize(sums)
+  if scores:
+    mask = np.concatenate([s["mask"] for s in scores])
+    result.update(metrics.binary_auc_metrics(
+        np.concatenate([s["positive_prob"] for s in scores])[mask],
+        np.concatenate([s["label"] for s in scores])[mask]))
+  return result
 
 
 # ---------------------------------------------------------------------------------------------
