@@ -25,6 +25,7 @@ from i2m2_jax.models import uni_expert_name  # noqa: E402  pylint: disable=g-imp
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Data set config file.", lock_config=False)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Output folder.")
 _SEEDS = flags.DEFINE_integer("seeds", 3, "Number of seeds (config.seed, config.seed + 1, ...).")
+_MODELS = flags.DEFINE_list("models", None, "Only these models (e.g. intra,inter,i2m2); default all.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -41,10 +42,18 @@ def metrics_for(rows_source):
   return metrics + [f"test/experts/{e}" for e in experts]
 
 
-def run_comparison(config, workdir, seeds):
+def run_comparison(config, workdir, seeds, models=None):
+  """Trains every model variant (or those labelled in `models`) for each seed; writes and returns
+  the rows and the Markdown table."""
   dataset = load_dataset(config.data)
+  variants = model_variants(list(dataset.modalities))
+  if models:
+    unknown = sorted(set(models) - {label for label, _, _ in variants})
+    if unknown:
+      raise ValueError(f"--models names {unknown}; expected some of {[v[0] for v in variants]}.")
+    variants = [v for v in variants if v[0] in models]
   runs = {}
-  for label, kind, modality in model_variants(list(dataset.modalities)):
+  for label, kind, modality in variants:
     runs[label] = []
     for seed in range(config.seed, config.seed + seeds):
       run_dir = os.path.join(workdir, label, f"seed_{seed}")
@@ -67,13 +76,13 @@ def run_comparison(config, workdir, seeds):
             f"experts inside I2M2.\n\n{table}")
   report.write_csv(os.path.join(workdir, "comparison.csv"), rows, metrics)
   report.bar_chart(os.path.join(workdir, "comparison.png"), rows, "test/accuracy", title)
-  return table
+  return rows, table
 
 
 def main(argv):
   del argv
   os.makedirs(_WORKDIR.value, exist_ok=True)
-  table = run_comparison(_CONFIG.value, _WORKDIR.value, _SEEDS.value)
+  _, table = run_comparison(_CONFIG.value, _WORKDIR.value, _SEEDS.value, _MODELS.value)
   print(table)
   print(f"Written: {os.path.join(_WORKDIR.value, 'comparison.md')}, comparison.csv, comparison.png")
 

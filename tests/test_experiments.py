@@ -1,0 +1,63 @@
+"""End to end through the command lines users run: main, compare and quickstart on smoke configs."""
+import csv
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run(args, tmp_path, timeout=300):
+  env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu")
+  env.pop("XLA_FLAGS", None)  # one CPU device, as a user's laptop
+  return subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True,
+                        text=True, timeout=timeout)
+
+
+def test_main_trains_and_writes_results(tmp_path):
+  workdir = tmp_path / "run"
+  proc = run(["-m", "i2m2_jax.main", "--config", "configs/synthetic.py:smoke",
+              "--workdir", str(workdir), f"--config.data.data_dir={tmp_path / 'tfds'}",
+              "--config.optimizer.learning_rate=0.003"], tmp_path)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  with open(workdir / "results.json") as f:
+    results = json.load(f)
+  assert {"model", "dataset", "steps", "seed", "train_examples_per_s", "val", "test"} <= set(results)
+  assert results["model"] == "i2m2" and results["dataset"] == "synthetic" and results["steps"] == 20
+  assert set(results["test"]["experts"]) == {"uni_m0", "uni_m1", "joint"}
+  assert 0.0 <= results["test"]["ece"] <= 1.0 and results["test"]["nll"] > 0
+  assert (workdir / "metrics.jsonl").exists() and (workdir / "tensorboard").is_dir()
+  with open(workdir / "hparams.json") as f:
+    assert json.load(f)["optimizer.learning_rate"] == pytest.approx(0.003)
+
+
+def test_misspelt_config_field_fails_before_training(tmp_path):
+  proc = run(["-m", "i2m2_jax.main", "--config", "configs/synthetic.py:smoke",
+              "--workdir", str(tmp_path / "run"), "--config.optimizer.learning_rat=0.1"], tmp_path)
+  assert proc.returncode != 0
+  assert "learning_rat" in proc.stderr
+  assert not (tmp_path / "run").exists()
+
+
+def test_compare_writes_table_csv_and_chart(tmp_path):
+  workdir = tmp_path / "cmp"
+  proc = run(["experiments/compare.py", "--config", "configs/digits.py:smoke", "--workdir",
+              str(workdir), "--seeds", "2", f"--config.data.data_dir={tmp_path / 'tfds'}"], tmp_path)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  models = ["uni_top", "uni_bottom", "intra", "inter", "i2m2"]
+  with open(workdir / "comparison.csv") as f:
+    rows = list(csv.DictReader(f))
+  assert [r["model"] for r in rows] == models
+  assert all(r["seeds"] == "2" for r in rows)
+  assert all(0.0 <= float(r["test/accuracy_mean"]) <= 1.0 for r in rows)
+  assert float(rows[-1]["test/experts/joint_mean"]) >= 0.0  # experts inside i2m2 are reported
+  table = (workdir / "comparison.md").read_text()
+  assert all(f"| {m} | 2 |" in table for m in models)
+  assert (workdir / "comparison.png").stat().st_size > 1000
+  for model in models:
+    for seed in (0, 1):
+      with open(workdir / model / f"seed_{seed}" / "results.json") as f:
+        assert json.load(f)["seed"] == seed
