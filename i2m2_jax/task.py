@@ -15,9 +15,14 @@ import jax.numpy as jnp
 from i2m2_jax import metrics
 
 
+def negative_log_likelihood(log_probs: jax.Array, labels: jax.Array) -> jax.Array:
+  """Per-example -log q(label) [B]."""
+  return -jnp.take_along_axis(log_probs, labels[:, None].astype(jnp.int32), axis=-1)[:, 0]
+
+
 def cross_entropy(log_probs: jax.Array, labels: jax.Array, mask: jax.Array) -> jax.Array:
   """Mean negative log-likelihood of the labels over the examples where mask is True."""
-  nll = -jnp.take_along_axis(log_probs, labels[:, None].astype(jnp.int32), axis=-1)[:, 0]
+  nll = negative_log_likelihood(log_probs, labels)
   mask = mask.astype(log_probs.dtype)
   return jnp.sum(nll * mask) / jnp.maximum(jnp.sum(mask), 1.0)
 
@@ -27,7 +32,7 @@ def train_sums(outputs: Mapping[str, Any], batch: Mapping[str, Any]) -> dict[str
   per expert whether its logits held a non-finite value (to name the culprit of a NaN loss)."""
   mask = batch["mask"].astype(jnp.float32)
   log_probs = outputs["log_probs"]
-  nll = -jnp.take_along_axis(log_probs, batch["label"][:, None].astype(jnp.int32), axis=-1)[:, 0]
+  nll = negative_log_likelihood(log_probs, batch["label"])
   sums = {
       "loss_sum": jnp.sum(nll * mask),
       "correct": jnp.sum((jnp.argmax(log_probs, -1) == batch["label"]) * mask),

@@ -44,10 +44,12 @@ def test_misspelt_config_field_fails_before_training(tmp_path):
 
 def test_compare_writes_table_csv_and_chart(tmp_path):
   workdir = tmp_path / "cmp"
-  proc = run(["experiments/compare.py", "--config", "configs/digits.py:smoke", "--workdir",
-              str(workdir), "--seeds", "2", f"--config.data.data_dir={tmp_path / 'tfds'}"], tmp_path)
+  args = ["experiments/compare.py", "--config", "configs/synthetic.py:smoke", "--workdir",
+          str(workdir), "--seeds", "2", "--models", "uni_m0,i2m2",
+          f"--config.data.data_dir={tmp_path / 'tfds'}"]
+  proc = run(args, tmp_path)
   assert proc.returncode == 0, proc.stderr[-3000:]
-  models = ["uni_top", "uni_bottom", "intra", "inter", "i2m2"]
+  models = ["uni_m0", "i2m2"]
   with open(workdir / "comparison.csv") as f:
     rows = list(csv.DictReader(f))
   assert [r["model"] for r in rows] == models
@@ -57,7 +59,31 @@ def test_compare_writes_table_csv_and_chart(tmp_path):
   table = (workdir / "comparison.md").read_text()
   assert all(f"| {m} | 2 |" in table for m in models)
   assert (workdir / "comparison.png").stat().st_size > 1000
+  accuracies = []
   for model in models:
     for seed in (0, 1):
       with open(workdir / model / f"seed_{seed}" / "results.json") as f:
-        assert json.load(f)["seed"] == seed
+        result = json.load(f)
+      assert result["seed"] == seed
+      accuracies.append(result["test"]["accuracy"])
+  mean = float(rows[0]["test/accuracy_mean"])
+  assert mean == pytest.approx(sum(accuracies[:2]) / 2)
+  # A second invocation reads the finished runs back instead of training again.
+  before = (workdir / "i2m2" / "seed_0" / "results.json").stat().st_mtime_ns
+  proc = run(args, tmp_path)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert (workdir / "i2m2" / "seed_0" / "results.json").stat().st_mtime_ns == before
+
+
+def test_quickstart_summarises_digits_and_every_regime(tmp_path):
+  workdir = tmp_path / "quick"
+  proc = run(["experiments/quickstart.py", "--smoke", "--seeds", "1", "--workdir", str(workdir),
+              "--data_dir", str(tmp_path / "tfds")], tmp_path)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  summary = (workdir / "summary.md").read_text()
+  assert "| model | digits |" in summary
+  assert "| model | intra_only | inter_only | both |" in summary
+  for model in ("uni_top", "uni_bottom", "intra", "inter", "i2m2"):
+    assert f"| {model} | " in summary
+  for part in ("digits", "intra_only", "inter_only", "both"):
+    assert (workdir / part / "comparison.png").exists()
