@@ -25,6 +25,8 @@ def get_config():
   config.selection_metric = "accuracy"  # validation metric that picks the best checkpoint
   config.early_stopping_patience = -1   # evaluations without a gain before stopping; <= 0: never
   config.parallel = "jit"          # 'jit' (Mesh + NamedSharding) or 'pmap'
+  # results.json: test metrics with each modality missing (product of the experts not reading it)
+  config.eval_missing_modalities = True
 
   config.optimizer = ml_collections.ConfigDict()
   config.optimizer.name = "adamw"  # adamw | sgd | rmsprop
@@ -45,6 +47,9 @@ def get_config():
   config.model.joint_encoder_kwargs = ml_collections.ConfigDict()  # same, for the joint expert
   config.model.head_hidden = (128,)
   config.model.dropout_rate = 0.0
+  # How the classifier is computed: 'plain' (the modules of i2m2_jax/models.py) or 'fast'
+  # (i2m2_jax/fast_models.py: LeNet experts only, same function and variables, faster).
+  config.model.implementation = "plain"
   # Initialise experts from other runs' best checkpoints: "expert=workdir[,expert=workdir]",
   # e.g. "uni_image=runs/img,joint=runs/lf" (the paper's staged recipe).
   config.model.init_from = ""

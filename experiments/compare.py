@@ -16,7 +16,7 @@ from absl import flags
 from ml_collections import config_flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from i2m2_jax import comparison  # noqa: E402  pylint: disable=g-import-not-at-top
+from i2m2_jax import comparison, writers  # noqa: E402  pylint: disable=g-import-not-at-top
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Data set config file.", lock_config=False)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Output folder.")
@@ -29,6 +29,7 @@ def main(argv):
   del argv
   os.makedirs(_WORKDIR.value, exist_ok=True)
   comparison.enable_compilation_cache(_WORKDIR.value)
+  writers.quiet_library_logs()
   _, table = comparison.run_comparison(_CONFIG.value, _WORKDIR.value, _SEEDS.value, _MODELS.value)
   print(table)
   print(f"Written: {os.path.join(_WORKDIR.value, 'comparison.md')}, comparison.csv, comparison.png")

@@ -20,7 +20,7 @@ from absl import flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from configs import digits, synthetic  # noqa: E402  pylint: disable=g-import-not-at-top
-from i2m2_jax import comparison, report  # noqa: E402  pylint: disable=g-import-not-at-top
+from i2m2_jax import comparison, report, writers  # noqa: E402  pylint: disable=g-import-not-at-top
 
 _WORKDIR = flags.DEFINE_string("workdir", "runs/quickstart", "Output folder.")
 _SEEDS = flags.DEFINE_integer("seeds", 2, "Seeds per model on digits.")
@@ -62,6 +62,7 @@ def main(argv):
   del argv
   os.makedirs(_WORKDIR.value, exist_ok=True)
   comparison.enable_compilation_cache(_WORKDIR.value)
+  writers.quiet_library_logs()
 
   rows, _ = comparison.run_comparison(data_config(digits), os.path.join(_WORKDIR.value, "digits"),
                                       _SEEDS.value)

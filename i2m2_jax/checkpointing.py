@@ -150,6 +150,12 @@ class Checkpointer:
   def directory(self) -> str:
     return str(self._directory)
 
+  @property
+  def unfinished_steps(self) -> list[int]:
+    """Step directories found when this Checkpointer was opened that lack Orbax's metadata
+    (ignored: never restored)."""
+    return sorted(self._unfinished)
+
   def all_steps(self) -> list[int]:
     """The steps that can be restored (including a save still in flight), ascending."""
     return sorted(s for s in self._manager.all_steps() if s not in self._unfinished)
@@ -241,6 +247,16 @@ class Checkpointer:
     restored = self._manager.restore(
         step, args=ocp.args.Composite(**{STATE: ocp.args.StandardRestore(target)}))
     return restored[STATE]
+
+  def state_metadata(self, step: int | None = None) -> Any:
+    """The saved state's tree with one metadata leaf (`.shape`, `.dtype`) per array, read from
+    the checkpoint's metadata files without reading the arrays."""
+    step = self._checked_step(step)
+    metadata = self._manager.item_metadata(step)[STATE]
+    if metadata is None or getattr(metadata, "tree", None) is None:
+      raise FileNotFoundError(f"Checkpoint step {step} in {self._directory} has no readable "
+                              f"metadata of its '{STATE}' item.")
+    return metadata.tree
 
   def restore_meta(self, step: int | None = None) -> dict[str, Any]:
     """The JSON `meta` dict saved at `step` (None: the latest)."""

@@ -7,13 +7,19 @@ batch size. A source is anything with `len` and `source[i] -> {modality: array, 
 
 * `train_batches`: an endless, shuffled stream built with grain, deterministic in (seed, step):
   restarting at `start_step=k` yields exactly the batches an uninterrupted run yields from step k.
-  Each process reads its own shard (`ds[process_index::process_count]`); the order is reshuffled
-  every epoch (grain's shuffle seeds epoch e with seed + e); batches may straddle epochs.
+  The *global* batch of a step (batch_size * process_count examples) is the same whatever the
+  number of processes: every process shuffles the example indices identically and reads only its
+  own contiguous slice of the global batch (process p: rows p*B..(p+1)*B-1), so P processes
+  train on exactly the batches of one process with a P times larger batch. The order is
+  reshuffled every epoch (grain's shuffle seeds epoch e with seed + e); batches may straddle
+  epochs.
   Grain shuffles and batches example *indices*; each batch is then read in one go
   (`gather_batch`), which is ~2x faster than stacking grain-fetched examples one by one.
 * `eval_batches`: one pass over a split in order, padded so that every process yields
   `num_eval_batches(...)` batches; padding rows are zeros with mask False, so summing
-  mask-weighted metrics over all processes counts every example exactly once.
+  mask-weighted metrics over all processes counts every example exactly once. As in training,
+  global eval batch b is examples [b * B * P, (b + 1) * B * P) whatever the number of processes
+  P, and process p reads its contiguous slice of it, so metrics do not depend on P either.
 * `standardization_stats`: per-feature (last axis) mean and std of the training split.
 """
 from __future__ import annotations
@@ -100,14 +106,17 @@ def gather_batch(source, indices: Sequence[int], modalities: Sequence[str]) -> B
 def train_index_dataset(num_examples: int, *, batch_size: int, seed: int, process_index: int = 0,
                         process_count: int = 1) -> grain.MapDataset:
   """Endless grain MapDataset whose element `step` is the int64 [batch_size] array of the example
-  indices of training step `step` on this process."""
-  ds = grain.MapDataset.range(num_examples)[process_index::process_count]
-  if len(ds) == 0:
-    raise ValueError(f"Process {process_index} of {process_count} has no training example "
-                     f"(the split has {num_examples}).")
+  indices of training step `step` on this process: its slice of the global batch of
+  batch_size * process_count indices, which does not depend on process_count."""
+  if num_examples == 0:
+    raise ValueError("The training split has no example.")
+  if not 0 <= process_index < process_count:
+    raise ValueError(f"process_index={process_index} is not in [0, {process_count}).")
+  ds = grain.MapDataset.range(num_examples)
   ds = ds.seed(seed).shuffle().repeat()  # shuffle before repeat: a new order every epoch
-  return ds.batch(batch_size, drop_remainder=True,
-                  batch_fn=lambda idx: np.asarray(idx, dtype=np.int64))
+  lo, hi = process_index * batch_size, (process_index + 1) * batch_size
+  return ds.batch(batch_size * process_count, drop_remainder=True,
+                  batch_fn=lambda idx: np.asarray(idx, dtype=np.int64)[lo:hi])
 
 
 def train_batches(source, *, batch_size: int, seed: int, start_step: int = 0,
@@ -133,18 +142,20 @@ def train_batches(source, *, batch_size: int, seed: int, start_step: int = 0,
 
 
 def num_eval_batches(num_examples: int, batch_size: int, process_count: int = 1) -> int:
-  """Batches each process yields for a split: enough for the largest shard, ceil(N / P)."""
-  return math.ceil(math.ceil(num_examples / process_count) / batch_size)
+  """Batches each process yields for a split: ceil(N / (batch_size * P)) (global batches)."""
+  return math.ceil(num_examples / (batch_size * process_count))
 
 
 def eval_batches(source, *, batch_size: int, process_index: int = 0, process_count: int = 1,
                  modalities: Sequence[str]) -> Iterator[Batch]:
-  """One ordered pass over this process's shard (examples process_index::process_count),
-  the last batch and any missing batches padded with zeros and mask False."""
+  """One ordered pass over this process's slices of the global batches (process p reads rows
+  p*B..(p+1)*B-1 of each global batch of B*P examples), the last batch and any batch past the
+  end padded with zeros and mask False."""
   modalities = tuple(modalities)
-  shard = range(process_index, len(source), process_count)
-  for b in range(num_eval_batches(len(source), batch_size, process_count)):
-    indices = shard[b * batch_size:(b + 1) * batch_size]
+  n = len(source)
+  for b in range(num_eval_batches(n, batch_size, process_count)):
+    start = (b * process_count + process_index) * batch_size
+    indices = range(min(start, n), min(start + batch_size, n))
     num_real = len(indices)
     # A shard that has run dry reads example 0 as a stand-in; it is zeroed and masked below.
     batch = gather_batch(source, list(indices) or [0], modalities)

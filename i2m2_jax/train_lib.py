@@ -5,6 +5,40 @@ loss and gradients; `train_step` (jit over a `Mesh`, batch sharded on the 'data'
 replicated) and `pmap_train_step` (`jax.pmap` with `lax.pmean` of the gradients) both use it, so
 the two parallel forms compute the same update. Evaluation is one jitted function over batches
 padded to a fixed size with a mask, so the last batch neither drops data nor recompiles.
+
+Faults and restarts (`train_and_evaluate`):
+
+* **Kill and resume, bit for bit.** A run killed at any moment (SIGKILL included) and started
+  again with the same command resumes from its latest *complete* checkpoint and ends with the
+  same parameters and metrics as an uninterrupted run on the same machine and config. Nothing
+  but the checkpoint carries state from one step to the next:
+  - the input pipeline is a grain `MapDataset` indexed by step (`input_pipeline.train_batches`):
+    batch k is a pure function of (seed, k, global batch size), so the step saved in the
+    checkpoint *is* the iterator state and saving grain's iterator state would add nothing (the
+    pipeline keeps no other state: no worker processes, no stateful shuffle buffer);
+  - the dropout key of step k is fold_in(state.dropout_rng, k), with dropout_rng in the state;
+  - the early-stopping history is saved in each checkpoint's JSON meta;
+  - the best checkpoint is re-derived from the metrics Orbax stores with each checkpoint.
+  Orbax writes a step into a temporary directory and renames it when complete, so a save cut
+  short is never picked up. A step directory that is incomplete anyway (no metadata file, or
+  arrays that cannot be read) is skipped: the run resumes from the previous complete step, says
+  so in the log, and moves the broken steps to `workdir/checkpoints_discarded/`. A checkpoint
+  whose arrays do not match the model fails before training (`CheckpointMismatchError`).
+  metrics.jsonl is appended to, so the steps between the last checkpoint and a kill appear twice.
+* **SIGTERM** (preemption notice): the current step finishes, a checkpoint of it is saved, and
+  `Preempted` is raised (main.py logs it and exits with status 143, 128 + SIGTERM); running the
+  same command again resumes. With several processes, JAX's preemption sync point makes every
+  process stop at the same step (`multihost_utils.reached_preemption_sync_point`).
+* **Non-finite values.** Each step reports whether the loss, each expert's logits and
+  gradients, and the updated parameters are finite; anything non-finite raises `NonFiniteError`
+  naming the step and the experts before anything of that step is saved, so every checkpoint
+  holds finite parameters.
+* **Several processes.** Run the same command on every host (see main.py). Each process reads
+  its slice of every global batch and its shard of the evaluation splits; arrays are assembled
+  with `jax.make_array_from_process_local_data`; only process 0 writes logs and results.json;
+  every process takes part in Orbax saves and restores.
+* **Missing modalities.** `evaluate_without` evaluates the product of the experts that do not
+  read a given modality; results.json gets `missing_modality` with test metrics per modality.
 """
 from __future__ import annotations
 
@@ -12,10 +46,13 @@ import functools
 import json
 import math
 import os
+import signal
+import threading
 import time
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 from absl import logging
+from etils import epath
 import flax
 from flax.training import train_state
 import jax
@@ -54,8 +91,9 @@ def learning_rate_schedule(opt: ml_collections.ConfigDict, num_train_steps: int)
   lr = opt.learning_rate
   warmup = max(int(opt.get("warmup_steps", 0)), 0)
   if opt.schedule == "cosine":
-    return optax.warmup_cosine_decay_schedule(0.0 if warmup else lr, lr, warmup,
-                                              max(num_train_steps, warmup + 1))
+    if not warmup:  # (optax warns about a zero-length warm-up)
+      return optax.cosine_decay_schedule(lr, max(num_train_steps, 1))
+    return optax.warmup_cosine_decay_schedule(0.0, lr, warmup, max(num_train_steps, warmup + 1))
   if opt.schedule == "constant":
     return (optax.join_schedules([optax.linear_schedule(0.0, lr, warmup),
                                   optax.constant_schedule(lr)], [warmup])
@@ -137,10 +175,33 @@ def loss_and_grads(state: TrainState, batch: Batch, *, preprocess) -> tuple[Any,
   return grads, updates.get("batch_stats", state.batch_stats), task.train_sums(outputs, batch)
 
 
+def _any_nonfinite(tree) -> jax.Array:
+  """1.0 if any leaf of `tree` holds a NaN or Inf, else 0.0 (float32 scalar)."""
+  leaves = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(jnp.asarray(x).dtype, jnp.inexact)]
+  if not leaves:
+    return jnp.zeros((), jnp.float32)
+  finite = jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves])
+  return jnp.logical_not(jnp.all(finite)).astype(jnp.float32)
+
+
+def finiteness_flags(grads, new_state: TrainState) -> dict[str, jax.Array]:
+  """Whether each expert's gradient (`nonfinite_grads/<expert>`) and the updated parameters and
+  BatchNorm statistics (`nonfinite_params`) hold a non-finite value; checked before any save."""
+  flags = {}
+  if isinstance(grads, Mapping) and grads:
+    for name, g in grads.items():
+      flags[f"nonfinite_grads/{name}"] = _any_nonfinite(g)
+  else:
+    flags["nonfinite_grads/all"] = _any_nonfinite(grads)
+  flags["nonfinite_params"] = _any_nonfinite((new_state.params, new_state.batch_stats))
+  return flags
+
+
 def train_step(state: TrainState, batch: Batch, *, preprocess) -> tuple[TrainState, dict]:
   """One update on a global batch (jit form: XLA inserts the cross-device reductions)."""
   grads, batch_stats, sums = loss_and_grads(state, batch, preprocess=preprocess)
-  return state.apply_gradients(grads=grads, batch_stats=batch_stats), sums
+  new_state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
+  return new_state, {**sums, **finiteness_flags(grads, new_state)}
 
 
 def pmap_train_step(state: TrainState, batch: Batch, *, preprocess,
@@ -150,9 +211,11 @@ def pmap_train_step(state: TrainState, batch: Batch, *, preprocess,
   grads, batch_stats, sums = loss_and_grads(state, batch, preprocess=preprocess)
   grads = jax.lax.pmean(grads, axis_name)
   batch_stats = jax.lax.pmean(batch_stats, axis_name)
-  sums = {k: (jax.lax.pmax(v, axis_name) if k.startswith("nonfinite/") else
+  new_state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
+  sums = {**sums, **finiteness_flags(grads, new_state)}
+  sums = {k: (jax.lax.pmax(v, axis_name) if k.startswith("nonfinite") else
               jax.lax.psum(v, axis_name)) for k, v in sums.items()}
-  return state.apply_gradients(grads=grads, batch_stats=batch_stats), sums
+  return new_state, sums
 
 
 def eval_step(state: TrainState, batch: Batch, *, preprocess, present=None) -> dict:
@@ -160,6 +223,21 @@ def eval_step(state: TrainState, batch: Batch, *, preprocess, present=None) -> d
   AUROC/AUPRC of binary tasks). `present` drops experts from the product."""
   outputs = state.apply_fn(_variables(state.params, state.batch_stats),
                            preprocess(batch["inputs"]), train=False, present=present)
+  positive = jnp.exp(outputs["log_probs"][:, min(1, outputs["log_probs"].shape[-1] - 1)])
+  return {"sums": task.eval_sums(outputs, batch), "positive_prob": positive,
+          "label": batch["label"], "mask": batch["mask"]}
+
+
+def eval_step_without(state: TrainState, batch: Batch, present: jax.Array,
+                      keep: Mapping[str, jax.Array], *, preprocess) -> dict:
+  """`eval_step` with modalities missing: the inputs of each modality m with keep[m] False are
+  replaced by zeros (so their values, NaN included, cannot matter) and the experts with
+  present False (bool [E], in model order) are left out of the product. Both are traced
+  arguments: one compilation serves every missing modality."""
+  inputs = preprocess(batch["inputs"])
+  inputs = {m: jnp.where(keep[m], x, jnp.zeros_like(x)) for m, x in inputs.items()}
+  outputs = state.apply_fn(_variables(state.params, state.batch_stats), inputs, train=False,
+                           present=present)
   positive = jnp.exp(outputs["log_probs"][:, min(1, outputs["log_probs"].shape[-1] - 1)])
   return {"sums": task.eval_sums(outputs, batch), "positive_prob": positive,
           "label": batch["label"], "mask": batch["mask"]}
@@ -202,6 +280,13 @@ def jit_eval_step(preprocess, mesh: Mesh, present=None, step_fn=eval_step):
   repl, data = replicated(mesh), data_sharded(mesh)
   return jax.jit(functools.partial(step_fn, preprocess=preprocess, present=present),
                  in_shardings=(repl, data),
+                 out_shardings={"sums": repl, "positive_prob": data, "label": data, "mask": data})
+
+
+def jit_eval_without_step(preprocess, mesh: Mesh, step_fn=eval_step_without):
+  repl, data = replicated(mesh), data_sharded(mesh)
+  return jax.jit(functools.partial(step_fn, preprocess=preprocess),
+                 in_shardings=(repl, data, repl, repl),
                  out_shardings={"sums": repl, "positive_prob": data, "label": data, "mask": data})
 
 
@@ -266,11 +351,12 @@ def load_expert_init(state: TrainState, init_from: str, mesh: Mesh) -> TrainStat
       raise ValueError(f"config.model.init_from names expert {expert!r}, which this model does "
                        f"not have; its experts are {sorted(params)}.")
     loaded = checkpointing.restore_expert_params(workdir, expert)
-    _check_same_shapes(params[expert], loaded["params"], f"{workdir} ({expert} params)")
+    _check_same_shapes(params[expert], loaded["params"],
+                       f"config.model.init_from: {workdir} ({expert} params)")
     params[expert] = loaded["params"]
     if expert in batch_stats:
       _check_same_shapes(batch_stats[expert], loaded.get("batch_stats") or {},
-                         f"{workdir} ({expert} batch_stats)")
+                         f"config.model.init_from: {workdir} ({expert} batch_stats)")
       batch_stats[expert] = loaded["batch_stats"]
     logging.info("Initialised expert %s from %s.", expert, workdir)
   repl = replicated(mesh)
@@ -281,12 +367,82 @@ def load_expert_init(state: TrainState, init_from: str, mesh: Mesh) -> TrainStat
                        opt_state=jax.jit(state.tx.init, out_shardings=repl)(params))
 
 
+class CheckpointMismatchError(ValueError):
+  """A checkpoint's arrays do not fit the model built from the config."""
+
+
+def _key_name(key) -> str:
+  for attr in ("key", "name", "idx"):
+    if hasattr(key, attr):
+      return str(getattr(key, attr))
+  return str(key)
+
+
+def leaf_shapes(tree) -> dict[str, tuple[tuple[int, ...], str]]:
+  """'a/b/c' path -> (shape, dtype) of every array leaf of `tree` (arrays, ShapeDtypeStructs or
+  Orbax array metadata); dicts, sequences, dataclasses and NamedTuples give the same paths."""
+  out = {}
+  for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+    shape = tuple(int(d) for d in (leaf.shape if hasattr(leaf, "shape") else np.shape(leaf)))
+    dtype = leaf.dtype if hasattr(leaf, "dtype") else np.asarray(leaf).dtype
+    try:
+      dtype = np.dtype(dtype).name
+    except TypeError:
+      dtype = str(dtype)
+    out["/".join(_key_name(k) for k in path)] = (shape, dtype)
+  return out
+
+
+def describe_shape_differences(expected: Mapping[str, Any], found: Mapping[str, Any],
+                               limit: int = 6) -> list[str]:
+  """Human-readable differences between two `leaf_shapes` results (model vs checkpoint)."""
+  def fmt(entry):
+    return f"{entry[0]} {entry[1]}"
+  diffs = []
+  # Parameters first: the optimiser state mirrors them.
+  for key in sorted(set(expected) | set(found), key=lambda k: (not k.startswith("params"), k)):
+    if key not in found:
+      diffs.append(f"{key} is missing in the checkpoint (model: {fmt(expected[key])})")
+    elif key not in expected:
+      diffs.append(f"{key} {fmt(found[key])} is in the checkpoint but not in the model")
+    elif tuple(expected[key]) != tuple(found[key]):
+      diffs.append(f"{key} has {fmt(found[key])} in the checkpoint but {fmt(expected[key])} in "
+                   f"the model")
+  if len(diffs) > limit:
+    diffs = diffs[:limit] + [f"... and {len(diffs) - limit} more"]
+  return diffs
+
+
 def _check_same_shapes(expected, got, where: str):
-  want = jax.tree.map(np.shape, expected)
-  have = jax.tree.map(np.shape, got)
-  if jax.tree.structure(want) != jax.tree.structure(have) or jax.tree.leaves(want) != jax.tree.leaves(have):
-    raise ValueError(f"Checkpoint {where} does not match the model: expected shapes {want}, "
-                     f"found {have}.")
+  diffs = describe_shape_differences(leaf_shapes(expected), leaf_shapes(got))
+  if diffs:
+    raise CheckpointMismatchError(f"Checkpoint {where} does not match the model: "
+                                  f"{'; '.join(diffs)}.")
+
+
+def _flat_dict(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+  out = {}
+  for k, v in tree.items():
+    if isinstance(v, Mapping):
+      out.update(_flat_dict(v, f"{prefix}{k}."))
+    else:
+      out[f"{prefix}{k}"] = v
+  return out
+
+
+def config_differences(now: Mapping[str, Any], saved: Mapping[str, Any],
+                       limit: int = 8) -> list[str]:
+  """'field: now X, checkpoint Y' for every config field that differs (model fields first)."""
+  now = _flat_dict(checkpointing.to_json(now))
+  saved = _flat_dict(checkpointing.to_json(saved))
+  absent = "<absent>"
+  keys = [k for k in sorted(set(now) | set(saved)) if now.get(k, absent) != saved.get(k, absent)]
+  keys.sort(key=lambda k: (not k.startswith("model."), not k.startswith("data."), k))
+  diffs = [f"config.{k}: now {now.get(k, absent)!r}, checkpoint {saved.get(k, absent)!r}"
+           for k in keys]
+  if len(diffs) > limit:
+    diffs = diffs[:limit] + [f"... and {len(diffs) - limit} more"]
+  return diffs
 
 
 # ---------------------------------------------------------------------------------------------
@@ -314,6 +470,77 @@ def evaluate(eval_fn, state: TrainState, source, dataset: Dataset, batch_size: i
   return result
 
 
+def experts_without(expert_names: Sequence[str], modalities: Sequence[str], missing: str,
+                    kind: str | None = None) -> tuple[bool, ...]:
+  """Which experts (in model order) can still predict when modality `missing` is absent: those
+  that do not read it (`models.expert_modalities`). ValueError when none can (kind 'inter', or
+  'uni' on that modality) or when `missing` is not a modality of the data."""
+  modalities = list(modalities)
+  if missing not in modalities:
+    raise ValueError(f"Cannot evaluate without modality {missing!r}: it is not a modality of "
+                     f"this data set; expected one of {modalities}.")
+  present = tuple(missing not in models.expert_modalities(n, modalities) for n in expert_names)
+  if not any(present):
+    what = f"config.model.kind={kind!r}" if kind else "This model"
+    raise ValueError(
+        f"{what} cannot predict without modality {missing!r}: every expert it has "
+        f"({list(expert_names)}) reads {missing!r}. Only a product with an expert that does not "
+        f"read it can (i2m2 or intra: the other uni-modal experts; uni on another modality).")
+  return present
+
+
+def model_expert_names(state: TrainState) -> list[str]:
+  """The experts of a state's MultiModalClassifier, in model order."""
+  module = getattr(state.apply_fn, "__self__", None)
+  if module is not None and hasattr(module, "experts"):
+    return [name for name, _ in module.experts]
+  return list(state.params)
+
+
+def evaluate_without(state: TrainState, missing: str, source, dataset: Dataset,
+                     batch_size: int, mesh: Mesh, *, preprocess, kind: str | None = None,
+                     eval_fn=None) -> dict[str, Any]:
+  """Exact metrics over `source` with modality `missing` absent: the normalised product of the
+  experts that do not read it (with i2m2, the other uni-modal experts); the missing modality's
+  inputs are replaced by zeros, so its values are never used.
+
+  Returns `evaluate`'s metrics, with `experts` restricted to the experts used, plus
+  `experts_used`. Raises ValueError (before evaluating anything) when no expert can do without
+  `missing`. `eval_fn` is a `jit_eval_without_step` to reuse (one compile for all modalities).
+  """
+  names = model_expert_names(state)
+  present = experts_without(names, list(dataset.modalities), missing, kind)
+  eval_fn = eval_fn or jit_eval_without_step(preprocess, mesh)
+  repl = replicated(mesh)
+  present_arr = jax.device_put(np.asarray(present, dtype=bool), repl)
+  keep = jax.device_put({m: np.asarray(m != missing) for m in dataset.modalities}, repl)
+  result = evaluate(lambda s, b: eval_fn(s, b, present_arr, keep), state, source, dataset,
+                    batch_size, mesh)
+  used = [n for n, p in zip(names, present) if p]
+  result["experts"] = {n: v for n, v in result["experts"].items() if n in used}
+  result["experts_used"] = used
+  return result
+
+
+def evaluate_missing_modalities(state: TrainState, source, dataset: Dataset, batch_size: int,
+                                mesh: Mesh, *, preprocess, kind: str | None = None
+                                ) -> dict[str, dict[str, Any]]:
+  """{modality: metrics without it} for every modality; a model that cannot do without one gets
+  {'unavailable': reason} for it instead of a number."""
+  eval_fn = None
+  out = {}
+  for missing in dataset.modalities:
+    try:
+      experts_without(model_expert_names(state), list(dataset.modalities), missing, kind)
+    except ValueError as e:
+      out[missing] = {"unavailable": str(e)}
+      continue
+    eval_fn = eval_fn or jit_eval_without_step(preprocess, mesh)
+    out[missing] = evaluate_without(state, missing, source, dataset, batch_size, mesh,
+                                    preprocess=preprocess, kind=kind, eval_fn=eval_fn)
+  return out
+
+
 # ---------------------------------------------------------------------------------------------
 # The training loop
 
@@ -333,6 +560,20 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
                        f"({jax.device_count()}).")
 
 
+def validate_config_for_dataset(config: ml_collections.ConfigDict, dataset: Dataset) -> None:
+  """Checks the modality names the config uses against the data set's, naming the field."""
+  modalities = list(dataset.modalities)
+  for field in ("encoders", "encoder_kwargs", "joint_encoder_kwargs"):
+    entries = config.model.get(field) or {}
+    unknown = [k for k in entries if k not in modalities]
+    if unknown:
+      raise ValueError(f"config.model.{field} names modality {unknown[0]!r}, which data set "
+                       f"{dataset.name!r} does not have; expected one of {modalities}.")
+  if config.model.kind == "uni" and config.model.get("modality", "") not in modalities:
+    raise ValueError(f"config.model.modality={config.model.get('modality', '')!r} is not a "
+                     f"modality of data set {dataset.name!r}; expected one of {modalities}.")
+
+
 def num_train_steps(config: ml_collections.ConfigDict, num_train_examples: int) -> int:
   if config.num_train_steps > 0:
     return int(config.num_train_steps)
@@ -347,29 +588,232 @@ class NonFiniteError(FloatingPointError):
   pass
 
 
-def _check_finite(step: int, sums: Mapping[str, Any]) -> None:
-  if np.isfinite(sums["loss_sum"]):
+class Preempted(RuntimeError):
+  """SIGTERM stopped the run after checkpointing `step`; the same command resumes it."""
+
+  def __init__(self, step: int, directory: str):
+    self.step = int(step)
+    self.directory = directory
+    super().__init__(f"Stopped by SIGTERM at step {step} after saving a checkpoint of it in "
+                     f"{directory}; run the same command again to resume.")
+
+
+def _check_finite(step: int, sums: Mapping[str, Any], last_checkpoint: int | None = None) -> None:
+  """Raises NonFiniteError if the step's loss, gradients or updated parameters are not finite."""
+  bad_loss = not np.isfinite(sums["loss_sum"])
+  bad_grads = [k.split("/", 1)[1] for k, v in sums.items()
+               if k.startswith("nonfinite_grads/") and v > 0]
+  bad_params = float(sums.get("nonfinite_params", 0.0)) > 0
+  if not (bad_loss or bad_grads or bad_params):
     return
   culprits = [k.split("/", 1)[1] for k, v in sums.items() if k.startswith("nonfinite/") and v > 0]
+  what = ("training loss" if bad_loss else "gradient" if bad_grads else
+          "parameters after the update")
+  none = "none (the combination or the labels)" if bad_loss else "none"
+  message = f"Non-finite {what} at step {step}; experts with non-finite logits: {culprits or none}"
+  if bad_grads:
+    message += f"; experts with non-finite gradients: {bad_grads}"
+  kept = (f"the last good checkpoint (step {last_checkpoint}) is kept" if last_checkpoint
+          else "no checkpoint had been written yet")
   raise NonFiniteError(
-      f"Non-finite training loss at step {step}; experts with non-finite logits: "
-      f"{culprits or 'none (the combination or the labels)'}. The last good checkpoint is kept; "
-      f"lower config.optimizer.learning_rate or check the input data.")
+      f"{message}. Nothing of step {step} was saved; {kept}. Lower "
+      f"config.optimizer.learning_rate (or set config.optimizer.grad_clip_norm) or check the "
+      f"input data.")
+
+
+class _StopSignal:
+  """SIGTERM -> stop after the current step. One process: a Python signal handler. Several:
+  JAX's preemption sync point (its notifier catches SIGTERM on any process and all processes
+  agree on the step to stop at), or, with JAX's preemption service disabled, the handler plus an
+  all-gather of the flag at every step."""
+
+  def __init__(self):
+    self._requested = False
+    self._jax_sync = jax.process_count() > 1
+    self._gather = False
+    self._installed, self._previous = False, None
+    if not self._jax_sync:
+      self._install()
+
+  def _install(self):
+    if threading.current_thread() is not threading.main_thread():
+      logging.warning("Training outside the main thread: SIGTERM will not save a checkpoint.")
+      return
+    self._previous = signal.getsignal(signal.SIGTERM)
+    signal.signal(signal.SIGTERM, self._handle)
+    self._installed = True
+
+  def _handle(self, signum, frame):
+    del signum, frame
+    self._requested = True
+
+  def should_stop(self, step: int) -> bool:
+    if self._jax_sync:
+      try:
+        return bool(multihost_utils.reached_preemption_sync_point(step))
+      except RuntimeError as e:  # jax_enable_preemption_service is off
+        logging.warning("%s; SIGTERM is shared between processes by an all-gather per step.", e)
+        self._jax_sync, self._gather = False, True
+        self._install()
+    if self._gather:
+      return bool(np.any(multihost_utils.process_allgather(np.asarray(self._requested))))
+    return self._requested
+
+  def close(self):
+    """Puts back the SIGTERM handler found at start (the default one if it was set outside
+    Python)."""
+    if self._installed:
+      signal.signal(signal.SIGTERM,
+                    self._previous if self._previous is not None else signal.SIG_DFL)
+      self._installed = False
+
+
+def _load_dataset_in_turn(data_config) -> Dataset:
+  """load_dataset on process 0 first (it may build the data), then on the others, so that no two
+  processes build the same TFDS data set at once; a failure on process 0 stops them all."""
+  if jax.process_count() == 1:
+    return load_dataset(data_config)
+  dataset, error = None, None
+  if jax.process_index() == 0:
+    try:
+      dataset = load_dataset(data_config)
+    except Exception as e:  # pylint: disable=broad-except
+      error = e
+  ok = multihost_utils.broadcast_one_to_all(np.int32(error is None))
+  if error is not None:
+    raise error
+  if not int(ok):
+    raise RuntimeError("Process 0 failed to load the data set (see its log); stopping.")
+  return dataset if dataset is not None else load_dataset(data_config)
+
+
+def _all_finite(tree) -> bool:
+  return not float(to_host(jax.jit(_any_nonfinite)(tree)))
+
+
+def _saved_config(ckpt: checkpointing.Checkpointer, step: int) -> dict[str, Any]:
+  try:
+    return ckpt.restore_meta(step).get("config") or {}
+  except Exception:  # pylint: disable=broad-except
+    return {}
+
+
+def _open_checkpointer(config: ml_collections.ConfigDict, workdir: str) -> checkpointing.Checkpointer:
+  return checkpointing.Checkpointer(checkpointing.checkpoint_dir(workdir),
+                                    keep=config.keep_checkpoints,
+                                    best_metric=config.selection_metric, best_mode="max")
+
+
+def _move_aside(directory: str, steps: Sequence[int], workdir: str) -> str:
+  """Moves step directories out of the checkpoint directory (process 0; all processes wait)."""
+  dest = epath.Path(workdir) / "checkpoints_discarded"
+  if jax.process_index() == 0:
+    dest.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    for s in steps:
+      src = epath.Path(directory) / str(s)
+      if src.exists():
+        target, n = dest / f"{s}-{stamp}", 0
+        while target.exists():
+          n += 1
+          target = dest / f"{s}-{stamp}-{n}"
+        src.rename(target)
+  multihost_utils.sync_global_devices("broken checkpoints moved aside")
+  return str(dest)
+
+
+def restore_latest_complete(config: ml_collections.ConfigDict, workdir: str, state: TrainState
+                            ) -> tuple[checkpointing.Checkpointer, int, TrainState, dict]:
+  """Opens workdir's checkpoints and restores the latest complete one into `state`'s structure.
+
+  Returns (checkpointer, step, state, meta); step 0 (and `state` untouched) when there is none.
+  A step that cannot be read (missing metadata, truncated or missing array files, non-finite
+  parameters) is skipped, and the run resumes from the previous one; such steps after it are
+  moved to `workdir/checkpoints_discarded/` (they would block later saves), and the log says
+  so. Raises CheckpointMismatchError, naming the arrays and the config fields that differ, when
+  a readable checkpoint does not fit the model; RuntimeError when checkpoints exist but none can
+  be restored (nothing is moved then).
+  """
+  ckpt = _open_checkpointer(config, workdir)
+  wanted = leaf_shapes(state)
+  broken: dict[int, str] = {}
+  start, restored, meta = 0, state, {}
+  for step in reversed(ckpt.all_steps()):
+    try:
+      saved = leaf_shapes(ckpt.state_metadata(step))
+    except Exception as e:  # pylint: disable=broad-except
+      broken[step] = f"{type(e).__name__}: {str(e)[:200].rstrip('.')}"
+      continue
+    diffs = describe_shape_differences(wanted, saved)
+    if diffs:
+      config_diffs = config_differences(config.to_dict(), _saved_config(ckpt, step))
+      ckpt.close()
+      raise CheckpointMismatchError(
+          f"The checkpoint at step {step} in {ckpt.directory} does not match the model and "
+          f"optimiser built from the config. Config fields that differ from the run that wrote "
+          f"it: {'; '.join(config_diffs) or 'none'}. Arrays that differ: {'; '.join(diffs)}. A "
+          f"workdir holds one model: use another --workdir, or that run's config.")
+    try:
+      candidate = ckpt.restore(step, state)
+      candidate_meta = ckpt.restore_meta(step)
+    except Exception as e:  # pylint: disable=broad-except
+      broken[step] = f"{type(e).__name__}: {str(e)[:200].rstrip('.')}"
+      continue
+    if not _all_finite((candidate.params, candidate.batch_stats, candidate.opt_state)):
+      broken[step] = "non-finite parameters"
+      continue
+    start, restored, meta = step, candidate, candidate_meta
+    break
+  if broken and not start:
+    ckpt.close()
+    raise RuntimeError(
+        f"Checkpoints exist in {ckpt.directory} but none can be restored: "
+        + "; ".join(f"step {s}: {why}" for s, why in sorted(broken.items()))
+        + ". Move the directory away to start afresh.")
+  agreed = int(multihost_utils.broadcast_one_to_all(np.int32(start)))
+  if agreed != start:
+    raise RuntimeError(f"Process {jax.process_index()} would resume from step {start} but "
+                       f"process 0 from step {agreed}: the checkpoint directory reads differently.")
+  stale = sorted(s for s in set(broken) | set(ckpt.unfinished_steps) if s > start)
+  if stale:
+    directory = ckpt.directory
+    ckpt.close()
+    moved_to = _move_aside(directory, stale, workdir)
+    reasons = "; ".join(f"step {s}: {broken.get(s, 'unfinished (no Orbax metadata)')}"
+                        for s in stale)
+    logging.warning("Resuming from step %d, the latest complete checkpoint in %s: later step(s) "
+                    "%s are incomplete or unreadable (%s) and were moved to %s.", start,
+                    directory, stale, reasons, moved_to)
+    ckpt = _open_checkpointer(config, workdir)
+  elif start:
+    logging.info("Resumed from step %d in %s.", start, ckpt.directory)
+  if start and meta.get("config"):
+    changed = config_differences(config.to_dict(), meta["config"])
+    if changed:  # e.g. another seed or batch size: the run is no longer the interrupted one
+      logging.warning("Resuming step %d with a config that differs from the one that saved it: "
+                      "%s.", start, "; ".join(changed))
+  return ckpt, start, restored, meta
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                        dataset: Dataset | None = None) -> dict[str, Any]:
   """Trains config.model.kind on config.data, keeps the best checkpoint on validation, and
-  writes `workdir/results.json` with val and test metrics of that checkpoint.
+  writes `workdir/results.json` with val and test metrics of that checkpoint (and test metrics
+  with each modality missing, `missing_modality`, unless config.eval_missing_modalities is
+  False).
 
-  Resumes from the latest checkpoint in `workdir/checkpoints` when there is one. `dataset`
-  replaces `load_dataset(config.data)` (tests pass in-memory data).
+  Resumes from the latest complete checkpoint in `workdir/checkpoints` when there is one (see
+  the module docstring for what makes the resumed run identical to an uninterrupted one).
+  `dataset` replaces `load_dataset(config.data)` (tests pass in-memory data). Raises
+  `NonFiniteError` on a non-finite loss, gradient or parameter, `Preempted` after SIGTERM (once
+  the checkpoint is saved), and ValueError for config or data errors, before training.
   """
   validate_config(config)
   is_main = jax.process_index() == 0
   if is_main:
     os.makedirs(workdir, exist_ok=True)
-  dataset = dataset or load_dataset(config.data)
+  dataset = dataset or _load_dataset_in_turn(config.data)
+  validate_config_for_dataset(config, dataset)
   modalities = list(dataset.modalities)
   model = models.build_model(config.model, dataset.modalities, dataset.num_classes)
   mesh = make_mesh()
@@ -383,22 +827,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
 
   stats = (input_pipeline.standardization_stats(dataset.sources["train"], modalities, seed=config.seed)
            if config.data.get("standardize", True) else None)
+  for m, (mean, std) in (stats or {}).items():
+    if not (np.all(np.isfinite(mean)) and np.all(np.isfinite(std))):
+      raise ValueError(f"Data set {dataset.name!r}: the train split of modality {m!r} holds NaN "
+                       f"or Inf values (its standardisation statistics are not finite); "
+                       f"expected finite numbers.")
   preprocess = make_preprocess(dataset, stats)
   tx = create_optimizer(config.optimizer, total_steps)
   schedule = learning_rate_schedule(config.optimizer, total_steps)
   example = {m: jnp.zeros((1,) + tuple(s), jnp.float32) for m, s in dataset.modalities.items()}
   state = create_train_state(model, tx, example, jax.random.key(config.seed), mesh)
 
-  ckpt = checkpointing.Checkpointer(checkpointing.checkpoint_dir(workdir),
-                                    keep=config.keep_checkpoints,
-                                    best_metric=config.selection_metric, best_mode="max")
-  start_step = ckpt.latest_step() or 0
+  ckpt, start_step, state, meta = restore_latest_complete(config, workdir, state)
   history = {"best_value": -math.inf, "evals_without_gain": 0}
-  if start_step:
-    state = ckpt.restore(start_step, state)
-    history.update(ckpt.restore_meta(start_step).get("history", {}))
-    logging.info("Resumed from step %d in %s.", start_step, workdir)
-  elif config.model.get("init_from"):
+  history.update(meta.get("history", {}))
+  if not start_step and config.model.get("init_from"):
     state = load_expert_init(state, config.model.init_from, mesh)
 
   writer = writers.MetricWriter(workdir, enabled=is_main)
@@ -417,14 +860,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   def unreplicated(state):
     return unreplicate_from_pmap(state, mesh) if config.parallel == "pmap" else state
 
+  last_saved = start_step or None
+
   def save(step, state, metrics_=None):
+    nonlocal last_saved
     ckpt.save(step, unreplicated(state), metrics=metrics_,
               meta={"config": config.to_dict(), "history": history}, force=True)
+    last_saved = step
 
   progress = writers.ProgressBar(total_steps, start_step, enabled=is_main)
+  stop = _StopSignal()
   train_sums, train_time, train_examples = None, 0.0, 0
   step = start_step
-  stopped_early = False
+  stopped_early, preempted = False, False
   try:
     for step in range(start_step + 1, total_steps + 1):
       t0 = time.perf_counter()
@@ -437,9 +885,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       if step > start_step + 1:  # the first step includes compilation
         train_time += time.perf_counter() - t0
         train_examples += config.batch_size
-      _check_finite(step, sums)
+      _check_finite(step, sums, last_saved)  # before anything of this step is saved
       train_sums = metrics.add_sums(train_sums, {k: v for k, v in sums.items()
-                                                 if not k.startswith("nonfinite/")})
+                                                 if not k.startswith("nonfinite")})
       if step % log_every == 0 or step == total_steps:
         scalars = {f"train/{k}": v for k, v in task.summarize_train(train_sums).items()}
         scalars["train/learning_rate"] = float(schedule(step))
@@ -469,9 +917,23 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
           break
       elif step % ckpt_every == 0:
         save(step, state)
+      if step < total_steps and stop.should_stop(step):
+        if last_saved != step:
+          save(step, state)
+        preempted = True
+        break
   finally:
+    stop.close()
     progress.close()
     ckpt.wait()
+    writer.flush()
+
+  if preempted:
+    writer.close()
+    directory = ckpt.directory
+    ckpt.close()
+    multihost_utils.sync_global_devices("preempted")
+    raise Preempted(step, directory)
 
   # Test metrics come from the checkpoint that was best on validation.
   best_step = ckpt.best_step() or ckpt.latest_step()
@@ -489,8 +951,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   }
   if config.model.kind == "uni":
     results["modality"] = config.model.modality
-  writer.write_scalars(int(best_step), {**_flat_metrics("best_val", results["val"]),
-                                        **_flat_metrics("test", results["test"])})
+  scalars = {**_flat_metrics("best_val", results["val"]), **_flat_metrics("test", results["test"])}
+  if config.get("eval_missing_modalities", True):
+    results["missing_modality"] = evaluate_missing_modalities(
+        best_state, dataset.sources["test"], dataset, config.eval_batch_size, mesh,
+        preprocess=preprocess, kind=config.model.kind)
+    for m, r in results["missing_modality"].items():
+      if "unavailable" not in r:
+        scalars.update(_flat_metrics(f"test_without_{m}",
+                                     {k: v for k, v in r.items() if k != "experts_used"}))
+  writer.write_scalars(int(best_step), scalars)
   writer.close()
   ckpt.close()
   if is_main:

@@ -206,3 +206,19 @@ class ProgressBar:
 
   def __exit__(self, *exc) -> None:
     self.close()
+
+
+class _OwnInfoOnly:
+  """Logging filter: warnings and errors from everyone, INFO only from i2m2_jax's own modules
+  (Orbax and TFDS log dozens of INFO lines per checkpoint or build)."""
+
+  def filter(self, record) -> bool:
+    return record.levelno >= 30 or f"{os.sep}i2m2_jax{os.sep}" in record.pathname
+
+
+def quiet_library_logs() -> None:
+  """Keeps the console readable in command-line runs; call once after absl starts logging."""
+  from absl import logging as absl_logging  # pylint: disable=g-import-not-at-top
+  handler = absl_logging.get_absl_handler()
+  if not any(isinstance(f, _OwnInfoOnly) for f in handler.filters):
+    handler.addFilter(_OwnInfoOnly())

@@ -83,15 +83,20 @@ def test_every_epoch_is_a_new_permutation():
   assert not np.array_equal(epochs[0], np.arange(n))
 
 
-def test_train_processes_read_disjoint_shards():
+def test_train_processes_read_disjoint_slices_of_the_same_global_batches():
   source = InMemorySource(make_columns(30))
-  seen = []
-  for p in range(3):
-    batches = take(ip.train_batches(source, batch_size=5, seed=0, process_index=p,
-                                    process_count=3, modalities=MODALITIES), 2)
-    seen.append(set(np.concatenate([ids(b) for b in batches])))
-    assert seen[-1] == set(range(p, 30, 3))  # 10 examples = 2 batches: exactly one epoch
-  assert set.union(*seen) == set(range(30))
+  # One process with batch 15 sees the global batches; 3 processes with 5 each read their slices.
+  single = take(ip.train_batches(source, batch_size=15, seed=0, modalities=MODALITIES), 4)
+  per_process = [take(ip.train_batches(source, batch_size=5, seed=0, process_index=p,
+                                       process_count=3, modalities=MODALITIES), 4)
+                 for p in range(3)]
+  for step in range(4):
+    np.testing.assert_array_equal(
+        np.concatenate([ids(per_process[p][step]) for p in range(3)]), ids(single[step]))
+  for epoch in (0, 1):  # 2 global batches = one epoch: every example read once, by one process
+    seen = [set(np.concatenate([ids(per_process[p][s]) for s in (2 * epoch, 2 * epoch + 1)]))
+            for p in range(3)]
+    assert set.union(*seen) == set(range(30)) and sum(map(len, seen)) == 30
 
 
 def test_train_resume_without_prefetch_thread():
@@ -110,7 +115,7 @@ def test_eval_covers_every_example_once_with_equal_batch_counts(kind, n, batch_s
                                                                 process_count):
   source = SOURCES[kind](n)
   expected_batches = ip.num_eval_batches(n, batch_size, process_count)
-  seen = []
+  seen, all_batches = [], []
   for p in range(process_count):
     batches = list(ip.eval_batches(source, batch_size=batch_size, process_index=p,
                                    process_count=process_count, modalities=MODALITIES))
@@ -123,9 +128,12 @@ def test_eval_covers_every_example_once_with_equal_batch_counts(kind, n, batch_s
       assert not np.any(batch["inputs"]["img"][~mask])  # padding is zeros
       np.testing.assert_array_equal(batch["label"][mask], ids(batch)[mask] % 5)
       seen.extend(ids(batch)[mask])
-    # In order within a process: its shard p, p + P, ...
-    real = np.concatenate([ids(b)[b["mask"]] for b in batches]) if batches else []
-    np.testing.assert_array_equal(real, np.arange(p, n, process_count))
+    all_batches.append(batches)
+  # Global batch b is process 0's slice, then process 1's, ...: examples in order, as with 1
+  # process and a P times larger batch.
+  in_order = [ids(all_batches[p][b])[all_batches[p][b]["mask"]]
+              for b in range(expected_batches) for p in range(process_count)]
+  np.testing.assert_array_equal(np.concatenate(in_order) if in_order else [], np.arange(n))
   assert sorted(seen) == list(range(n))
 
 
