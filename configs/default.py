@@ -60,3 +60,14 @@ def get_config():
   config.data.manual_dir = ""      # folder holding files the user downloaded
   config.data.standardize = True   # inputs standardised with training-split statistics
   return config
+
+
+def shrink_for_smoke(config):
+  """The `smoke` argument of every config: a run of a few seconds on CPU, used by the tests."""
+  config.num_train_steps = 20
+  config.batch_size = 32
+  config.eval_batch_size = 64
+  config.eval_every_steps = 10
+  config.log_every_steps = 5
+  config.model.head_hidden = (16,)
+  return config

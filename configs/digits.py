@@ -27,15 +27,5 @@ def get_config(arg=None):
   config.log_every_steps = 100
 
   if arg == "smoke":
-    _smoke(config)
+    default.shrink_for_smoke(config)
   return config
-
-
-def _smoke(config):
-  """A run of a few seconds on CPU, for tests."""
-  config.num_train_steps = 20
-  config.batch_size = 32
-  config.eval_batch_size = 64
-  config.eval_every_steps = 10
-  config.log_every_steps = 5
-  config.model.head_hidden = (16,)
