@@ -62,12 +62,15 @@ def get_config():
   return config
 
 
-def shrink_for_smoke(config):
-  """The `smoke` argument of every config: a run of a few seconds on CPU, used by the tests."""
-  config.num_train_steps = 20
-  config.batch_size = 32
-  config.eval_batch_size = 64
-  config.eval_every_steps = 10
-  config.log_every_steps = 5
-  config.model.head_hidden = (16,)
+def shrink_for_smoke(config, *, steps=20, batch_size=32, eval_batch_size=64, eval_every=10,
+                     log_every=5, head_hidden=(16,)):
+  """The `smoke` argument of every config: a run of a few seconds on CPU, used by the tests.
+  head_hidden=None keeps the model as it is (the paper's benchmarks smoke-test real models)."""
+  config.num_train_steps = steps
+  config.batch_size = batch_size
+  config.eval_batch_size = eval_batch_size
+  config.eval_every_steps = eval_every
+  config.log_every_steps = log_every
+  if head_hidden is not None:
+    config.model.head_hidden = head_hidden
   return config

@@ -65,12 +65,18 @@ def markdown_table(rows: Sequence[Mapping[str, Any]], metrics: Sequence[str],
   return "\n".join(lines) + "\n"
 
 
-def write_csv(path: str, rows: Sequence[Mapping[str, Any]], metrics: Sequence[str]) -> None:
+def write_csv(path: str, rows: Sequence[Mapping[str, Any]], metrics: Sequence[str],
+              extra_columns: Mapping[str, Mapping[str, str]] | None = None) -> None:
+  """One row per model: mean and std of each metric (fractions, not percent), then the
+  `extra_columns` texts as in `markdown_table`."""
+  extra_columns = extra_columns or {}
   with open(path, "w", newline="") as f:
     writer = csv.writer(f)
-    writer.writerow(["model", "seeds"] + [f"{m}_{s}" for m in metrics for s in ("mean", "std")])
+    writer.writerow(["model", "seeds"] + [f"{m}_{s}" for m in metrics for s in ("mean", "std")]
+                    + list(extra_columns))
     for row in rows:
-      writer.writerow([row["model"], row["seeds"]] + [v for m in metrics for v in row[m]])
+      writer.writerow([row["model"], row["seeds"]] + [v for m in metrics for v in row[m]]
+                      + [extra_columns[c].get(row["model"], "") for c in extra_columns])
 
 
 def bar_chart(path: str, rows: Sequence[Mapping[str, Any]], metric: str, title: str) -> None:
