@@ -20,7 +20,8 @@ generative model), Bayes-optimal product of uni-modal posteriors 0.67; scikit-le
 logistic regressions 0.55 / 0.53, their product 0.64, a joint MLP(128) 0.73, that MLP times the
 logistic-regression product 0.75.
 
-Expected result: TODO
+Expected result (test accuracy, seed 0, 2-core CPU): i2m2 ~0.78, inter ~0.785, intra ~0.62.
+experiments/quickstart.py shows the three regimes side by side.
 """
 from configs import default
 
