@@ -3,8 +3,10 @@
 `--config.data.path=DIR` names a folder with train.npz and test.npz (optionally val.npz; otherwise
 `val_fraction` of train is held out, stratified, seeded by `split_seed`). Each file holds `label`
 (integers 0..C-1, shape [N]) and one array per modality under any other key: vectors [N, D]
-(MLP encoder), sequences [N, T, F] (GRU), images [N, H, W, C] (CNN); float32 or uint8. Pick other
-encoders with --config.model.encoders.<modality>=mlp|gru|conv1d|cnn.
+(MLP encoder), sequences [N, T, F] (GRU), images [N, H, W, C] (CNN); float32 or uint8. To pick
+other encoders, write a config file that imports this one and sets
+`config.model.encoders.<modality> = 'conv1d'` (and `config.model.encoder_kwargs.<modality>`): the
+modality names are your keys, which a command-line override cannot add.
 
 Length: 20 epochs of batch 128, clipped to 500..50000 steps, which suits 1k to 1M examples.
 
@@ -15,7 +17,8 @@ Length: 20 epochs of batch 128, clipped to 500..50000 steps, which suits 1k to 1
   python -m i2m2_jax.main --config configs/npz.py:smoke --workdir /tmp/smoke \\
       --config.data.path=/path/to/folder  # seconds
 
-Expected result: TODO
+Expected result: depends on your data; the test suite runs this whole path (build, validation,
+training, results.json) on small files of every rank.
 """
 from configs import default
 
