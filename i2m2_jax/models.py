@@ -252,14 +252,38 @@ def build_expert(name: str, modality_shapes: Mapping[str, Sequence[int]], num_cl
   return UniModalExpert(modality, encoder, head, dropout)
 
 
+# name -> builder(model_config, modality_shapes, num_classes) of another implementation of the
+# same classifier (same outputs, same variables), selected by config.model.implementation;
+# 'plain' (the default) is build_model's own. i2m2_jax.fast_models registers 'fast'.
+PLAIN = "plain"
+IMPLEMENTATIONS: dict[str, Callable[..., nn.Module]] = {}
+
+
+def register_implementation(name: str, builder: Callable[..., nn.Module]) -> None:
+  if name == PLAIN or (name in IMPLEMENTATIONS and IMPLEMENTATIONS[name] is not builder):
+    raise ValueError(f"An implementation named {name!r} is registered already.")
+  IMPLEMENTATIONS[name] = builder
+
+
 def build_model(model_config, modality_shapes: Mapping[str, Sequence[int]],
-                num_classes: int) -> MultiModalClassifier:
-  """The classifier for config.model.kind over the given modalities (name -> example shape)."""
+                num_classes: int) -> nn.Module:
+  """The classifier for config.model.kind over the given modalities (name -> example shape).
+
+  config.model.implementation (default 'plain') picks how it is computed: 'plain' is a
+  MultiModalClassifier of the modules above; other names come from IMPLEMENTATIONS.
+  """
   if len(modality_shapes) < 1:
     raise ValueError("The data set has no modality.")
+  implementation = model_config.get("implementation", PLAIN) or PLAIN
+  if implementation != PLAIN:
+    if implementation not in IMPLEMENTATIONS:
+      raise ValueError(f"config.model.implementation={implementation!r} is unknown; expected "
+                       f"one of {[PLAIN] + sorted(IMPLEMENTATIONS)}.")
+    return IMPLEMENTATIONS[implementation](model_config, modality_shapes, num_classes)
   names = expert_names(model_config.kind, list(modality_shapes), model_config.get("modality", ""))
   return MultiModalClassifier(tuple(
       (n, build_expert(n, modality_shapes, num_classes, model_config)) for n in names))
 
 
 from i2m2_jax import paper_models  # noqa: E402,F401  pylint: disable=g-import-not-at-top  (registers the paper's encoders and fusions)
+from i2m2_jax import fast_models  # noqa: E402,F401  pylint: disable=g-import-not-at-top  (registers implementation 'fast')

@@ -1,0 +1,529 @@
+r"""Speed of the AV-MNIST I2M2 step, fast implementation against the plain one, in one run.
+
+  python experiments/benchmark.py --config configs/avmnist.py [--json bench.json]
+  python experiments/benchmark.py --config configs/avmnist.py --steps 2 --batches 8 --quick
+
+Random uint8 data of the real shapes (image 28x28x1, audio 112x112x1; never zeros), so no data
+set is needed. For each path -- 'plain' (models.build_model's modules, the straightforward Flax
+version) and 'fast' (config.model.implementation='fast', i2m2_jax/fast_models.py) -- and each
+batch size, the trainer's own jitted steps (train_lib.jit_train_step / jit_eval_step, state
+donated, uint8 inputs scaled on device) are timed with a host sync after every step as in the
+training loop; the paths are interleaved (repeat r of plain, then of fast, ...) so that a shared
+machine's load falls on both alike, and medians are reported. Printed, as one Markdown table:
+
+* train and eval examples/s and step time per path and batch, and fast/plain;
+* achieved GFLOP/s and its fraction of this machine's float32 matmul rate (a 2048^2 jnp.dot timed
+  in the same run). FLOPs are counted by hand from the model config (`model_flops`): 2 per
+  multiply-add of every convolution and dense layer, forward once and backward twice (input and
+  weight gradients), except that each encoder's first convolution has no input gradient;
+  BatchNorm, pooling, activations and the optimiser are not counted. Both paths compute the same
+  function and are credited the same FLOPs;
+* the first train step's time (tracing, compilation and one run) and XLA's compile time in it,
+  and the number of compilations after it, in training and in a padded evaluation (a split whose
+  last batch is padded, through train_lib.evaluate);
+* (--experts) the step time of each expert of I2M2 trained alone (kind uni/inter with the same
+  config) and of I2M2, timed interleaved, per path listed in --expert_paths;
+* (--input) the fraction of step time spent waiting for input when the fast step is fed by the
+  real pipeline: a small AV-MNIST array_record build (random MultiBench-format files through the
+  TFDS builder of i2m2_jax/datasets/avmnist.py) read by input_pipeline.train_batches (grain, one
+  prefetch thread) from the ArrayRecord source, not from memory.
+
+--json PATH also writes the rows as a JSON list; every row has path, mode ('train' or 'eval'),
+batch and examples_per_s, plus the other measurements of that row. Runs unchanged on a GPU.
+
+Process settings, the same for both paths: glibc malloc keeps freed memory (host_memory;
+--noretain_memory to measure without), the 'rbg' PRNG (it only makes the parameter
+initialisation compile faster; dropout is off), and no persistent compilation cache unless
+--compilation_cache (compile times are cold). XLA_FLAGS are taken from the environment.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from typing import Any, Callable, Mapping, Sequence
+
+from absl import app
+from absl import flags
+from ml_collections import config_flags
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# pylint: disable=g-import-not-at-top,wrong-import-position
+from i2m2_jax import host_memory  # noqa: E402  (no JAX import: runs before JAX starts threads)
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "AV-MNIST config (configs/avmnist.py).",
+                                          lock_config=False)
+_BATCHES = flags.DEFINE_list("batches", ["40", "256"], "Batch sizes.")
+_STEPS = flags.DEFINE_integer("steps", 10, "Timed steps per path, batch and repeat.")
+_REPEATS = flags.DEFINE_integer("repeats", 3, "Interleaved repeats (plain, fast, plain, ...).")
+_PATHS = flags.DEFINE_list("paths", ["plain", "fast"], "Implementations to compare.")
+_JSON = flags.DEFINE_string("json", None, "Also write the rows as a JSON list here.")
+_QUICK = flags.DEFINE_bool("quick", False, "Plumbing check: 1 repeat, a 64-row data set, small "
+                           "matmul, no expert breakdown unless --experts is given explicitly.")
+_EXPERTS = flags.DEFINE_bool("experts", True, "Time each expert of I2M2 trained alone.")
+_EXPERT_PATHS = flags.DEFINE_list("expert_paths", ["fast"], "Paths of the expert breakdown.")
+_INPUT = flags.DEFINE_bool("input", True, "Measure the input wait with the real pipeline.")
+_INPUT_ROWS = flags.DEFINE_integer("input_rows", 2000, "Training rows of the array_record build.")
+_RETAIN_MEMORY = flags.DEFINE_bool("retain_memory", True, "glibc malloc keeps freed memory.")
+_COMPILATION_CACHE = flags.DEFINE_bool("compilation_cache", False,
+                                       "Keep JAX's persistent compilation cache if configured.")
+
+MODALITY_SHAPES = {"image": (28, 28, 1), "audio": (112, 112, 1)}
+NUM_CLASSES = 10
+# The paper's AV-MNIST I2M2 (i2m2-method.md §4.1), used when the config does not define it.
+PAPER_MODEL = {
+    "encoders": {"image": "lenet", "audio": "lenet"},
+    "encoder_kwargs": {"image": {"channels": 3, "num_blocks": 3},
+                       "audio": {"channels": 3, "num_blocks": 5}},
+    "joint_encoder_kwargs": {"image": {"channels": 6, "num_blocks": 3},
+                             "audio": {"channels": 6, "num_blocks": 5}},
+    "head_hidden": (100,), "fusion": "late_fusion",
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# Config and FLOPs
+
+
+def benchmark_config(config):
+  """The config's I2M2 model and optimiser; the paper's model where the config lacks it."""
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  from configs import default  # pylint: disable=g-import-not-at-top
+  base = default.get_config()
+  notes = []
+  if config is None:
+    config, notes = base, ["no --config: configs/default.py with the paper's AV-MNIST model"]
+  model = config.model
+  encoders = dict(model.get("encoders") or {})
+  if any(encoders.get(m) != "lenet" for m in MODALITY_SHAPES):
+    notes.append("the config's model is not the AV-MNIST LeNet one; using the paper's model "
+                 "(i2m2-method.md §4.1) with the config's optimiser")
+    for key, value in PAPER_MODEL.items():
+      model[key] = ml_collections.ConfigDict(value) if isinstance(value, dict) else value
+    model.fusion_kwargs = ml_collections.ConfigDict()
+  model.kind = "i2m2"
+  model.init_from = ""
+  if config.optimizer.name != "sgd":
+    notes.append(f"optimiser {config.optimizer.name} (the paper's is SGD)")
+  return config, notes
+
+
+def _lenet_flops(shape, channels: int, num_blocks: int) -> tuple[float, float, int]:
+  """(forward FLOPs of all convolutions, forward FLOPs of the first, output features)."""
+  h, w, cin = shape
+  widths = [channels] + [channels * 2 ** (i + 1) for i in range(num_blocks)]
+  total, first = 0.0, 0.0
+  for i, cout in enumerate(widths):
+    k = 5 if i == 0 else 3
+    flops = 2.0 * h * w * k * k * cin * cout
+    total += flops
+    if i == 0:
+      first = flops
+    h, w, cin = h // 2, w // 2, cout
+  return total, first, h * w * cin
+
+
+def model_flops(model_config, shapes: Mapping[str, Sequence[int]] = MODALITY_SHAPES,
+                num_classes: int = NUM_CLASSES, kind: str | None = None,
+                modality: str | None = None) -> dict[str, float]:
+  """Per-example FLOPs of the LeNet model of `model_config` (module docstring):
+  {'forward', 'train'}, for its kind (or `kind`/`modality` to count one expert)."""
+  from i2m2_jax import models  # pylint: disable=g-import-not-at-top
+  kind = kind or model_config.kind
+  names = models.expert_names(kind, list(shapes), modality or model_config.get("modality", ""))
+  forward, first_convs = 0.0, 0.0
+  for name in names:
+    features = 0
+    for m in models.expert_modalities(name, list(shapes)):
+      kw = dict(model_config.encoder_kwargs[m])
+      if name == models.JOINT and model_config.get("joint_encoder_kwargs") and \
+          m in model_config.joint_encoder_kwargs:
+        kw = dict(model_config.joint_encoder_kwargs[m])
+      total, first, out = _lenet_flops(shapes[m], kw.get("channels", 3), kw.get("num_blocks", 3))
+      forward += total
+      first_convs += first
+      features += out
+    dims = [features] + list(model_config.head_hidden) + [num_classes]
+    forward += sum(2.0 * a * b for a, b in zip(dims[:-1], dims[1:]))
+  return {"forward": forward, "train": 3 * forward - first_convs}
+
+
+# ---------------------------------------------------------------------------------------------
+# Measurement helpers
+
+
+class CompileCounter:
+  """Counts XLA compilations (and their seconds) through jax.monitoring."""
+
+  def __init__(self):
+    import jax  # pylint: disable=g-import-not-at-top
+    from jax._src import dispatch  # pylint: disable=g-import-not-at-top
+    self.count, self.seconds = 0, 0.0
+    self._event = getattr(dispatch, "BACKEND_COMPILE_EVENT",
+                          "/jax/core/compile/backend_compile_duration")
+    jax.monitoring.register_event_duration_secs_listener(self._on_event)
+
+  def _on_event(self, event: str, duration: float, **kwargs):
+    del kwargs
+    if event == self._event:
+      self.count += 1
+      self.seconds += duration
+
+  def snapshot(self) -> tuple[int, float]:
+    return self.count, self.seconds
+
+
+def matmul_gflops(n: int, repeats: int = 5) -> float:
+  """Best float32 n x n matmul rate of this device (jnp.dot, jitted)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  a = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
+  b = jax.random.normal(jax.random.key(2), (n, n), jnp.float32)
+  f = jax.jit(jnp.dot)
+  f(a, b).block_until_ready()
+  f(a, b).block_until_ready()
+  best = math.inf
+  for _ in range(repeats):
+    t = time.perf_counter()
+    f(a, b).block_until_ready()
+    best = min(best, time.perf_counter() - t)
+  return 2.0 * n ** 3 / best / 1e9
+
+
+def random_batches(batch: int, count: int, seed: int) -> list[dict[str, Any]]:
+  """Host batches of random uint8 inputs in 1..255 (never zeros) and random labels."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(seed)
+  return [{"inputs": {m: rng.integers(1, 256, (batch,) + tuple(s), dtype=np.uint8)
+                      for m, s in MODALITY_SHAPES.items()},
+           "label": rng.integers(0, NUM_CLASSES, batch).astype(np.int32),
+           "mask": np.ones(batch, dtype=bool)} for _ in range(count)]
+
+
+def _fake_dataset(rows: int, seed: int):
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from i2m2_jax import input_pipeline  # pylint: disable=g-import-not-at-top
+  from i2m2_jax.datasets import Dataset  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(seed)
+  columns = {m: rng.integers(1, 256, (rows,) + tuple(s), dtype=np.uint8)
+             for m, s in MODALITY_SHAPES.items()}
+  columns["label"] = rng.integers(0, NUM_CLASSES, rows)
+  source = input_pipeline.InMemorySource(columns)
+  return Dataset(name="avmnist_random", modalities=dict(MODALITY_SHAPES), num_classes=NUM_CLASSES,
+                 sources={"train": source, "val": source, "test": source})
+
+
+class Path:
+  """One implementation: its model, state and compiled steps."""
+
+  def __init__(self, name: str, config, mesh, counter: CompileCounter, kind: str = "i2m2",
+               modality: str = ""):
+    import jax  # pylint: disable=g-import-not-at-top
+    import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+    from i2m2_jax import models, train_lib  # pylint: disable=g-import-not-at-top
+    self.name, self.mesh, self.counter = name, mesh, counter
+    model_config = config.model.copy_and_resolve_references()
+    model_config.implementation = name
+    model_config.kind = kind
+    model_config.modality = modality
+    self.model = models.build_model(model_config, MODALITY_SHAPES, NUM_CLASSES)
+    self.dataset = _fake_dataset(8, 0)
+    self.preprocess = train_lib.make_preprocess(self.dataset, None)
+    tx = train_lib.create_optimizer(config.optimizer, 10_000)
+    example = {m: jnp.zeros((1,) + tuple(s), jnp.float32) for m, s in MODALITY_SHAPES.items()}
+    self.state = train_lib.create_train_state(self.model, tx, example, jax.random.key(0), mesh)
+    jax.block_until_ready(self.state)
+    self.train_fn = train_lib.jit_train_step(self.preprocess, mesh)
+    self.eval_fn = train_lib.jit_eval_step(self.preprocess, mesh)
+    self.first_step: dict[int, dict[str, float]] = {}
+
+  def train(self, batch) -> float:
+    """One synchronised train step; returns its seconds (the first per shape is recorded)."""
+    from i2m2_jax import train_lib  # pylint: disable=g-import-not-at-top
+    size = int(batch["label"].shape[0])
+    count, seconds = self.counter.snapshot()
+    t = time.perf_counter()
+    self.state, sums = self.train_fn(self.state, batch)
+    train_lib.to_host(sums)
+    elapsed = time.perf_counter() - t
+    if size not in self.first_step:
+      n, s = self.counter.snapshot()
+      self.first_step[size] = {"first_step_s": elapsed, "compile_s": s - seconds,
+                               "compilations": n - count}
+    return elapsed
+
+  def evaluate(self, batch) -> float:
+    from i2m2_jax import train_lib  # pylint: disable=g-import-not-at-top
+    t = time.perf_counter()
+    out = self.eval_fn(self.state, batch)
+    train_lib.to_host(out["sums"])
+    return time.perf_counter() - t
+
+
+def _median_row(times: Sequence[float], batch: int) -> dict[str, float]:
+  med = statistics.median(times)
+  return {"examples_per_s": batch / med, "step_ms": 1e3 * med, "step_ms_min": 1e3 * min(times),
+          "step_ms_max": 1e3 * max(times), "timed_steps": len(times)}
+
+
+# ---------------------------------------------------------------------------------------------
+# Input wait
+
+
+def build_array_record(rows: int, workdir: str, seed: int = 0):
+  """A small AV-MNIST build: random MultiBench-format .npy files -> the real TFDS builder
+  (array_record). Returns the builder's ArrayRecord source of the training split."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from i2m2_jax.datasets import avmnist, builder_utils  # pylint: disable=g-import-not-at-top
+  manual = os.path.join(workdir, "manual")
+  os.makedirs(os.path.join(manual, "image"), exist_ok=True)
+  os.makedirs(os.path.join(manual, "audio"), exist_ok=True)
+  rng = np.random.default_rng(seed)
+  for split, n in (("train", rows), ("test", max(rows // 10, 2))):
+    np.save(os.path.join(manual, "image", f"{split}_data.npy"),
+            rng.integers(1, 256, (n, 784), dtype=np.uint8))
+    np.save(os.path.join(manual, "audio", f"{split}_data.npy"),
+            rng.integers(1, 256, (n, 112, 112), dtype=np.uint8))
+    np.save(os.path.join(manual, f"{split}_labels.npy"), rng.integers(0, 10, n))
+  num_val = max(rows // 10, 1)
+  dtypes = {m: "uint8" for m in avmnist.MODALITY_SHAPES}
+  builder = builder_utils.prepare(avmnist.I2m2Avmnist, avmnist.builder_config(num_val, dtypes),
+                                  os.path.join(workdir, "tfds"), root_dir=manual)
+  return builder.as_data_source("train")
+
+
+def input_wait(path: Path, source, batch: int, steps: int, warmup: int = 3) -> dict[str, float]:
+  """Fraction of the fast step's wall time spent in next(iterator) of the real pipeline."""
+  from i2m2_jax import input_pipeline, train_lib  # pylint: disable=g-import-not-at-top
+  batches = input_pipeline.train_batches(source, batch_size=batch, seed=0,
+                                         modalities=list(MODALITY_SHAPES))
+  waits, totals = [], []
+  for i in range(warmup + steps):
+    t0 = time.perf_counter()
+    local = next(batches)
+    t1 = time.perf_counter()
+    path.state, sums = path.train_fn(path.state, train_lib.global_batch(local, path.mesh))
+    train_lib.to_host(sums)
+    if i >= warmup:
+      waits.append(t1 - t0)
+      totals.append(time.perf_counter() - t0)
+  return {"input_wait_fraction": sum(waits) / sum(totals),
+          "input_wait_ms": 1e3 * sum(waits) / len(waits),
+          "input_examples_per_s": batch * len(totals) / sum(totals)}
+
+
+# ---------------------------------------------------------------------------------------------
+# The run
+
+
+def _machine() -> dict[str, Any]:
+  import jax  # pylint: disable=g-import-not-at-top
+  cpu = platform.processor() or platform.machine()
+  try:
+    with open("/proc/cpuinfo") as f:
+      cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+  except (OSError, StopIteration):
+    pass
+  device = jax.devices()[0]
+  return {"device": f"{jax.device_count()} x {device.platform} ({device.device_kind})",
+          "cpu": f"{cpu}, {os.cpu_count()} cores", "jax": jax.__version__,
+          "xla_flags": os.environ.get("XLA_FLAGS", "")}
+
+
+def run(config, batches: Sequence[int], steps: int, repeats: int, paths: Sequence[str],
+        experts: bool, expert_paths: Sequence[str], measure_input: bool, input_rows: int,
+        matmul_n: int, log: Callable[[str], None] = print) -> tuple[list[dict[str, Any]], str]:
+  """Measures everything (module docstring); returns (JSON rows, Markdown report)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from i2m2_jax import train_lib  # pylint: disable=g-import-not-at-top
+  load_before = os.getloadavg()
+  config, notes = benchmark_config(config)
+  counter = CompileCounter()
+  mesh = train_lib.make_mesh()
+  machine = _machine()
+  for b in batches:
+    if b % jax.device_count():
+      raise ValueError(f"Batch {b} is not a multiple of the device count {jax.device_count()}.")
+  peak = matmul_gflops(matmul_n)
+  flops = model_flops(config.model)
+  log(f"matmul {matmul_n}^2 float32: {peak:.1f} GFLOP/s; model: {flops['train'] / 1e6:.1f} "
+      f"MFLOP per training example ({flops['forward'] / 1e6:.1f} forward)")
+
+  built = {p: Path(p, config, mesh, counter) for p in paths}
+  rows: dict[tuple[str, str, int], dict[str, Any]] = {}
+  for b in batches:
+    device_batches = [train_lib.global_batch(h, mesh) for h in random_batches(b, 4, seed=b)]
+    for p in paths:  # the first step of each shape compiles
+      built[p].train(device_batches[0])
+      built[p].evaluate(device_batches[0])
+    times = {(p, mode): [] for p in paths for mode in ("train", "eval")}
+    recompiles = {(p, mode): 0 for p in paths for mode in ("train", "eval")}
+    for r in range(repeats):
+      for mode in ("train", "eval"):
+        for p in paths:
+          step = built[p].train if mode == "train" else built[p].evaluate
+          n0 = counter.snapshot()[0]
+          times[(p, mode)] += [step(device_batches[i % len(device_batches)])
+                               for i in range(steps)]
+          recompiles[(p, mode)] += counter.snapshot()[0] - n0
+      log(f"batch {b}, repeat {r + 1}/{repeats}: " + ", ".join(
+          f"{p} {mode} {1e3 * statistics.median(times[(p, mode)]):.1f} ms"
+          for p in paths for mode in ("train", "eval")))
+    for p in paths:
+      rows[(p, "train", b)] = {**_median_row(times[(p, "train")], b), **built[p].first_step[b],
+                               "recompilations": recompiles[(p, "train")]}
+      # Padded evaluation: a split whose last batch is padded, through train_lib.evaluate.
+      padded = _fake_dataset(2 * b + b // 2 + 1, seed=b + 1)
+      n0 = counter.snapshot()[0]
+      train_lib.evaluate(built[p].eval_fn, built[p].state, padded.sources["val"], padded, b, mesh)
+      rows[(p, "eval", b)] = {**_median_row(times[(p, "eval")], b),
+                              "recompilations": recompiles[(p, "eval")],
+                              "recompilations_padded_eval": counter.snapshot()[0] - n0}
+
+  for (p, mode, b), row in rows.items():
+    per_example = flops["train"] if mode == "train" else flops["forward"]
+    row["gflop_per_s"] = per_example * row["examples_per_s"] / 1e9
+    row["peak_fraction"] = row["gflop_per_s"] / peak
+    base = rows.get(("plain", mode, b))
+    if base and p != "plain":
+      row["speedup_vs_plain"] = row["examples_per_s"] / base["examples_per_s"]
+
+  expert_rows: dict[tuple[str, int], dict[str, float]] = {}
+  if experts:
+    # Each expert of I2M2 trained alone (same config, kind uni/inter), timed interleaved with
+    # I2M2 itself so that the comparison sees the same machine load.
+    alone = {"uni_image": ("uni", "image"), "uni_audio": ("uni", "audio"), "joint": ("inter", "")}
+    for p in expert_paths:
+      runs = {"i2m2": built.get(p) or Path(p, config, mesh, counter)}
+      runs.update({name: Path(p, config, mesh, counter, kind=kind, modality=modality)
+                   for name, (kind, modality) in alone.items()})
+      for b in batches:
+        batch = train_lib.global_batch(random_batches(b, 1, seed=b)[0], mesh)
+        times = {name: [] for name in runs}
+        for run in runs.values():
+          run.train(batch)
+        for _ in range(max(repeats, 1)):
+          for name, run in runs.items():
+            times[name] += [run.train(batch) for _ in range(steps)]
+        med = {name: 1e3 * statistics.median(t) for name, t in times.items()}
+        parts = {name: med[name] for name in alone}
+        expert_rows[(p, b)] = parts
+        row = rows.setdefault((p, "train", b), {})
+        row["expert_step_ms"] = parts
+        row["experts_sum_step_ms"] = sum(parts.values())
+        row["i2m2_step_ms_with_experts"] = med["i2m2"]
+        row["i2m2_over_experts_sum"] = med["i2m2"] / sum(parts.values())
+        log(f"experts alone ({p}, batch {b}): " + ", ".join(f"{k} {v:.1f} ms"
+                                                            for k, v in med.items()))
+
+  input_note = ""
+  if measure_input:
+    with tempfile.TemporaryDirectory() as tmp:
+      t = time.perf_counter()
+      source = build_array_record(input_rows, tmp)
+      build_s = time.perf_counter() - t
+      p = "fast" if "fast" in built else paths[0]
+      for b in batches:
+        if b > len(source):
+          continue
+        rows[(p, "train", b)].update(input_wait(built[p], source, b, max(steps, 10)))
+      input_note = (f"Input: {len(source)} training rows of random uint8 AV-MNIST written as "
+                    f"MultiBench .npy files and built by the TFDS builder into array_record in "
+                    f"{build_s:.0f} s; read with input_pipeline.train_batches (grain, one "
+                    f"prefetch thread) from the ArrayRecord source; path {p}.")
+
+  load_after = os.getloadavg()
+  out = []
+  for (p, mode, b), row in sorted(rows.items(), key=lambda kv: (kv[0][2], kv[0][1] != "train",
+                                                                 kv[0][0] != "plain")):
+    out.append({"path": p, "mode": mode, "batch": b, **row, **machine,
+                "load_before": list(load_before), "load_after": list(load_after)})
+  report = _report(out, expert_rows, peak, flops, machine, load_before, load_after, notes,
+                   input_note, matmul_n, steps, repeats)
+  return out, report
+
+
+def _fmt(x, spec: str, missing: str = "–") -> str:
+  return missing if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
+
+
+def _report(rows, expert_rows, peak, flops, machine, load_before, load_after, notes, input_note,
+            matmul_n, steps, repeats) -> str:
+  lines = [f"Machine: {machine['cpu']}; JAX {machine['jax']} on {machine['device']}"
+           + (f"; XLA_FLAGS={machine['xla_flags']}" if machine["xla_flags"] else "") + ".",
+           f"Load average (1/5/15 min) before {'/'.join(f'{x:.2f}' for x in load_before)}, "
+           f"after {'/'.join(f'{x:.2f}' for x in load_after)}. Medians of {steps} steps x "
+           f"{repeats} interleaved repeats.",
+           f"float32 matmul ({matmul_n}^2 jnp.dot): {peak:.1f} GFLOP/s. Model FLOPs (hand count "
+           f"from the config): {flops['train'] / 1e6:.1f} M per training example, "
+           f"{flops['forward'] / 1e6:.1f} M per evaluated example."]
+  lines += [f"Note: {n}." for n in notes]
+  lines += ["", "| path | mode | batch | step ms (min–max) | examples/s | vs plain | GFLOP/s | "
+            "% of matmul | first step s (XLA compile s) | recompiles (padded eval) | "
+            "input wait | experts alone, ms: image + audio + joint = sum; I2M2 (I2M2 / sum) |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+  for r in rows:
+    first = (f"{r['first_step_s']:.1f} ({r['compile_s']:.1f})" if "first_step_s" in r else "")
+    recompiles = _fmt(r.get("recompilations"), "d")
+    if r["mode"] == "eval":
+      recompiles += f" ({_fmt(r.get('recompilations_padded_eval'), 'd')})"
+    wait = ""
+    if "input_wait_fraction" in r:
+      wait = f"{100 * r['input_wait_fraction']:.1f} %"
+    parts = ""
+    if "expert_step_ms" in r:
+      e = r["expert_step_ms"]
+      parts = (f"{e['uni_image']:.1f} + {e['uni_audio']:.1f} + {e['joint']:.1f} = "
+               f"{r['experts_sum_step_ms']:.1f}; I2M2 {r['i2m2_step_ms_with_experts']:.1f} "
+               f"({r['i2m2_over_experts_sum']:.2f})")
+    lines.append(
+        f"| {r['path']} | {r['mode']} | {r['batch']} | {r['step_ms']:.1f} "
+        f"({r['step_ms_min']:.1f}–{r['step_ms_max']:.1f}) | {r['examples_per_s']:.0f} | "
+        f"{_fmt(r.get('speedup_vs_plain'), '.2f')}{'x' if 'speedup_vs_plain' in r else ''} | "
+        f"{r['gflop_per_s']:.1f} | {100 * r['peak_fraction']:.1f} | {first} | {recompiles} | "
+        f"{wait} | {parts} |")
+  if input_note:
+    lines += ["", input_note]
+  return "\n".join(lines)
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  import jax  # pylint: disable=g-import-not-at-top
+  if not _COMPILATION_CACHE.value:
+    jax.config.update("jax_enable_compilation_cache", False)
+  jax.config.update("jax_default_prng_impl", "rbg")
+  quick = _QUICK.value
+  experts = _EXPERTS.value and (not quick or flags.FLAGS["experts"].present)
+  rows, report = run(
+      _CONFIG.value, [int(b) for b in _BATCHES.value], _STEPS.value,
+      1 if quick and not flags.FLAGS["repeats"].present else _REPEATS.value,
+      list(_PATHS.value), experts, list(_EXPERT_PATHS.value), _INPUT.value,
+      64 if quick and not flags.FLAGS["input_rows"].present else _INPUT_ROWS.value,
+      512 if quick else 2048)
+  print()
+  print("Command: python " + " ".join(sys.argv))
+  print(report)
+  if _JSON.value:
+    with open(_JSON.value, "w") as f:
+      json.dump(rows, f, indent=1)
+    print(f"Written: {_JSON.value}")
+
+
+def _early_setup():
+  """Before JAX starts its threads: keep freed host memory (i2m2_jax/host_memory.py; it only
+  matters for CPU buffers and is harmless elsewhere). Flags are not parsed yet, hence argv."""
+  if not any(a in sys.argv for a in ("--noretain_memory", "--retain_memory=false",
+                                     "--retain_memory=False")):
+    host_memory.retain_freed_memory()
+
+
+if __name__ == "__main__":
+  _early_setup()
+  app.run(main)

@@ -1,0 +1,797 @@
+"""A fast implementation of LeNet-expert classifiers (the paper's AV-MNIST models): same function,
+same variables as the plain modules.
+
+`config.model.implementation = 'fast'` makes `models.build_model` return `FastLeNetClassifier`
+instead of `MultiModalClassifier` for models whose every expert is built from `lenet` encoders
+(paper_models.LeNet with its defaults) and, for the joint expert, `late_fusion`: the AV-MNIST
+I2M2, intra, inter (LF) and uni-modal models. Anything else raises a ValueError naming the field.
+
+Same function: `apply(variables, inputs, train, present)` returns the same
+{'log_probs', 'expert_logits'} as the plain classifier, updates the same BatchNorm statistics in
+train mode (PyTorch semantics of paper_models.TorchBatchNorm), and has the same gradients, all to
+float32 rounding (tests/test_fast_path.py checks it on the real architecture).
+
+Same variables: the parameter and batch_stats trees are the plain modules' trees, with the same
+names, shapes and initial values (each variable is declared at the same path with the same
+initialiser, so `init` with the same key gives identical values). Checkpoints, `init_from`, the
+optimiser state and weight decay are therefore interchangeable between the two implementations;
+`to_plain_variables` / `from_plain_variables` exist for symmetry and only check the tree.
+
+What makes it fast (each measured with experiments/benchmark.py on 2 CPU cores; the README's
+Performance section has the numbers):
+
+1. The first block of every expert that reads a modality is computed once for all of them
+   (horizontal fusion): the uni-modal LeNet(c=3) and the joint LeNet(c=6) first convolutions
+   read the same input, so their kernels are concatenated into one 1 -> 9 channel convolution;
+   BatchNorm statistics stay per channel, so this is exact.
+2. That first block (5x5 convolution -> BatchNorm -> ReLU -> 2x2 max-pool, the largest cost of
+   the plain step: 112x112 images with 1 input channel) is one custom operation,
+   `stem_bn_relu_pool`: the convolution on the 2x2 space-to-depth of the input is a single matrix
+   product per chunk of 4 examples, channels first, whose output rows are the four pixels of
+   each pooling window; the chunks go through `lax.map` (two independent loops, one per core) so
+   that patches and outputs stay in cache; BatchNorm statistics are merged exactly over chunks;
+   the backward pass recomputes each chunk and accumulates the kernel gradient as one matrix
+   product, with no full-resolution gradient image in memory.
+3. The later blocks: BatchNorm + ReLU + 2x2 max-pool as one operation with a hand-written
+   gradient (`bn_relu_pool`): the forward pools first (max, or min where the BatchNorm scale is
+   negative: BatchNorm is monotone per channel and ReLU commutes with max), the backward writes
+   the convolution output's gradient in one elementwise pass, routing the pooled gradient to the
+   first maximal element of each window as XLA's max-pool gradient (select-and-scatter) does.
+   Their 3x3 convolutions (`conv3x3`) are padded to 17 output channels where that moves them to
+   XLA's fast CPU convolution library, compute the input gradient as a plain convolution with a
+   flipped kernel, and sum the kernel gradient over chunks of 8 examples.
+4. Evaluation: pooling before the BatchNorm affine map (exact, as above), so the affine map and
+   ReLU touch a quarter of the elements; the first block is the same matrix product.
+
+Options of FastLeNetClassifier switch each of 1-2 off (for measurements and tests); shapes the
+custom first block does not handle (odd sizes) fall back to an XLA convolution.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Any, Mapping, Sequence
+
+import flax.linen as nn
+import jax
+from jax import lax
+import jax.numpy as jnp
+import numpy as np
+
+from i2m2_jax import models
+from i2m2_jax import paper_models
+from i2m2_jax.combine import product_of_experts
+
+IMPLEMENTATION = "fast"
+_BN_MOMENTUM = 0.9  # paper_models.TorchBatchNorm defaults (flax convention)
+_BN_EPSILON = 1e-5
+
+# ---------------------------------------------------------------------------------------------
+# Convolutions
+
+
+def conv2d(x: jax.Array, kernel: jax.Array, padding: int) -> jax.Array:
+  """Stride-1 NHWC convolution with HWIO kernel and symmetric zero padding (as nn.Conv)."""
+  return lax.conv_general_dilated(x, kernel, (1, 1), [(padding, padding)] * 2,
+                                  dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+# XLA's CPU backend hands a convolution to its fast library (YNNPACK) only when more than 16
+# channels go in or out, and not when the kernel is reversed (as in the input gradient XLA
+# derives). LeNet's early convolutions have 3..12 channels, so they ran on a slower generic
+# path; computing them with the output channels zero-padded to 17 (and the input gradient as a
+# plain convolution with an explicitly flipped kernel) takes the fast path: about 2x faster for
+# the 6->12 and 12->6 convolutions of AV-MNIST on 2 CPU cores, same results to float32 rounding.
+# Only on CPU; with 3 input channels the padded form was slower, so those are left alone.
+_LIBRARY_MIN_CHANNELS = 17
+_PAD_MIN_INPUT_CHANNELS = 6
+
+
+def _padded_out_channels(ci: int, co: int) -> int:
+  if (jax.default_backend() == "cpu" and ci >= _PAD_MIN_INPUT_CHANNELS
+      and max(ci, co) < _LIBRARY_MIN_CHANNELS):
+    return _LIBRARY_MIN_CHANNELS
+  return co
+
+
+def _conv_padded(x, kernel, padding):
+  """conv2d with the output channels zero-padded when that reaches the fast CPU path."""
+  ci, co = kernel.shape[2], kernel.shape[3]
+  n = _padded_out_channels(ci, co)
+  if n == co:
+    return conv2d(x, kernel, padding)
+  return conv2d(x, jnp.pad(kernel, ((0, 0), (0, 0), (0, 0), (0, n - co))), padding)[..., :co]
+
+
+_FLIP3 = np.array([2, 1, 0])
+
+
+@jax.custom_vjp
+def conv3x3(x: jax.Array, kernel: jax.Array) -> jax.Array:
+  """'Same' 3x3 stride-1 NHWC convolution (no bias) = conv2d(x, kernel, 1), with the
+  channel padding above in the forward pass and the input gradient."""
+  return _conv_padded(x, kernel, 1)
+
+
+def _conv3x3_fwd(x, kernel):
+  return _conv_padded(x, kernel, 1), (x, kernel)
+
+
+def _conv3x3_bwd(residuals, g):
+  x, kernel = residuals
+  # Input gradient: the convolution of g with the spatially flipped, transposed kernel. The flip
+  # is a gather so that XLA does not fold it into a reversed window.
+  flipped = jnp.take(jnp.take(kernel, _FLIP3, axis=0), _FLIP3, axis=1).transpose(0, 1, 3, 2)
+  d_x = _conv_padded(g, flipped, 1)
+  return d_x, conv3x3_kernel_grad(x, g, kernel.shape)
+
+
+# XLA computes a kernel gradient as a convolution whose features are the batch (after
+# transposing both operands); on CPU its cost grew faster than the batch. Summing it over
+# independent chunks of 8 examples (16 at most chunks) was 2-5x faster at batch 40 and 256 for
+# every LeNet layer, and the chunks run concurrently on the cores.
+_KERNEL_GRAD_CHUNK = 8
+_KERNEL_GRAD_MAX_CHUNKS = 16
+
+
+def conv3x3_kernel_grad(x, g, kernel_shape):
+  """Gradient of conv2d(x, kernel, 1) wrt kernel for output cotangent g, summed over chunks."""
+  b = x.shape[0]
+  target = max(_KERNEL_GRAD_CHUNK, -(-b // _KERNEL_GRAD_MAX_CHUNKS))
+  size = _chunk_size(b, target) if jax.default_backend() == "cpu" else b
+  total = None
+  for lo in range(0, b, size):
+    _, kernel_vjp = jax.vjp(lambda k, xc=x[lo:lo + size]: conv2d(xc, k, 1),
+                            jnp.zeros(kernel_shape, x.dtype))
+    part = kernel_vjp(g[lo:lo + size])[0]
+    total = part if total is None else total + part
+  return total
+
+
+conv3x3.defvjp(_conv3x3_fwd, _conv3x3_bwd)
+
+
+def space_to_depth(x: jax.Array, block: int = 2) -> jax.Array:
+  """[B, H, W, C] -> [B, H/b, W/b, b*b*C], channels ordered (row in block, column, channel)."""
+  b, h, w, c = x.shape
+  x = x.reshape(b, h // block, block, w // block, block, c)
+  return x.transpose(0, 1, 3, 2, 4, 5).reshape(b, h // block, w // block, block * block * c)
+
+
+@functools.lru_cache(maxsize=None)
+def _s2d_taps(kernel_size: int, block: int):
+  """For each (block offset t in 0..2, input sub-position a, output sub-position p): the tap d of
+  the original kernel that connects them (d = (t-1)*block + a - p + kernel_size//2), and whether
+  it lies inside the kernel."""
+  t = np.arange(3)[:, None, None]
+  a = np.arange(block)[None, :, None]
+  p = np.arange(block)[None, None, :]
+  d = (t - 1) * block + a - p + kernel_size // 2
+  valid = (d >= 0) & (d < kernel_size)
+  return np.clip(d, 0, kernel_size - 1), valid
+
+
+def s2d_kernel(kernel: jax.Array, block: int = 2) -> jax.Array:
+  """A 'same' KxK kernel [K, K, Ci, Co] (K odd, K//2 <= block) as the 3x3 kernel
+  [3, 3, b*b*Ci, b*b*Co] of the same convolution on space-to-depth input and output.
+
+  Output channel (py, px, co) of block (i, j) is pixel (b*i + py, b*j + px); input channel
+  (ay, ax, ci) of block (i + ty - 1, j + tx - 1) is pixel (b*(i + ty - 1) + ay, ...). A linear
+  (gather) function of the kernel, so gradients flow back to the KxK kernel.
+  """
+  k, _, ci, co = kernel.shape
+  if k % 2 != 1 or k // 2 > block:
+    raise ValueError(f"s2d_kernel needs an odd kernel no larger than 2*block+1; got {k}.")
+  d, valid = _s2d_taps(k, block)  # [3, b, b]
+  # Index [ty, tx, ay, ax, py, px] -> kernel[dy, dx].
+  dy = d[:, None, :, None, :, None]
+  dx = d[None, :, None, :, None, :]
+  mask = (valid[:, None, :, None, :, None] & valid[None, :, None, :, None, :])
+  w = kernel[dy, dx]  # [3, 3, b, b, b, b, ci, co]
+  w = jnp.where(mask[..., None, None], w, 0.0)
+  # -> [ty, tx, (ay, ax, ci), (py, px, co)]
+  w = w.transpose(0, 1, 2, 3, 6, 4, 5, 7)
+  return w.reshape(3, 3, block * block * ci, block * block * co)
+
+
+def can_use_s2d(shape: Sequence[int], kernel_size: int) -> bool:
+  """Space-to-depth by 2 needs even spatial sizes and a kernel of at most 5x5."""
+  return shape[1] % 2 == 0 and shape[2] % 2 == 0 and kernel_size % 2 == 1 and kernel_size <= 5
+
+
+# ---------------------------------------------------------------------------------------------
+# BatchNorm + ReLU + 2x2 max-pool
+#
+# Two layouts of the convolution output y:
+#   'nhwc': [B, H, W, C]; windows are 2x2 spatial blocks (odd sizes: the last row/column is
+#           dropped by the pool, VALID, but still counts in the BatchNorm statistics);
+#   's2d':  [B, H/2, W/2, 4, C]; axis 3 holds the four pixels of each window (space-to-depth).
+
+
+def _windows(y: jax.Array, layout: str) -> tuple[jax.Array, tuple[int, ...]]:
+  """The pooled region of y viewed with explicit window axes, and those axes."""
+  if layout == "s2d":
+    return y, (3,)
+  b, h, w, c = y.shape
+  h2, w2 = h // 2, w // 2
+  return y[:, :2 * h2, :2 * w2].reshape(b, h2, 2, w2, 2, c), (2, 4)
+
+
+def _window_index(shape: Sequence[int], axes: tuple[int, ...]) -> tuple[jax.Array, int]:
+  """Row-major position inside the window ([shape] broadcastable, int8) and the window size."""
+  idx_shape = [shape[i] if i in axes else 1 for i in range(len(shape))]
+  idx = jnp.zeros(idx_shape, jnp.int8)
+  size = 1
+  for ax in reversed(axes):
+    idx = idx + lax.broadcasted_iota(jnp.int8, idx_shape, ax) * jnp.int8(size)
+    size *= shape[ax]
+  return idx, size
+
+
+def _window_elements(yw, axes) -> list[jax.Array]:
+  """The window's elements in row-major window order, each with the window axes kept as size 1."""
+  elements = [yw]
+  for ax in axes:
+    elements = [lax.slice_in_dim(e, i, i + 1, axis=ax) for e in elements
+                for i in range(yw.shape[ax])]
+  return elements
+
+
+def _tree_reduce(op, xs):
+  while len(xs) > 1:
+    xs = [op(xs[i], xs[i + 1]) if i + 1 < len(xs) else xs[i] for i in range(0, len(xs), 2)]
+  return xs[0]
+
+
+def _pool_selected(yw, axes, scale):
+  """Per window the element BatchNorm maps to the largest value: max where scale >= 0, else min
+  (BatchNorm is a monotone map per channel, so this commutes exactly with the pool).
+
+  Written as elementwise max/min of the window's elements, which XLA fuses into one loop; a
+  reduce over small window axes went to a slow library reduction on CPU."""
+  elements = _window_elements(yw, axes)
+  return jnp.where(scale >= 0, _tree_reduce(jnp.maximum, elements),
+                   _tree_reduce(jnp.minimum, elements))
+
+
+def _first_selected(elements, selected):
+  """Index (int8) of the first window element equal to `selected`, in window order (as XLA's
+  select-and-scatter picks for max-pool)."""
+  first = jnp.full(selected.shape, len(elements), jnp.int8)
+  for i in reversed(range(len(elements))):
+    first = jnp.where(elements[i] == selected, jnp.int8(i), first)
+  return first
+
+
+def _moments(y):
+  axes = tuple(range(y.ndim - 1))
+  mean = y.mean(axes)
+  var = jnp.square(y - mean).mean(axes)
+  return mean, var
+
+
+def _squeeze_pooled(x, layout):
+  if layout == "s2d":
+    return jnp.squeeze(x, 3)
+  return jnp.squeeze(x, (2, 4))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def bn_relu_pool(y: jax.Array, scale: jax.Array, bias: jax.Array, layout: str = "nhwc"):
+  """Training-mode BatchNorm (batch statistics, biased variance) -> ReLU -> 2x2 max-pool.
+
+  Returns (pooled [B, H/2, W/2, C], batch mean [C], biased batch variance [C]). The statistics
+  are for the running averages only: their cotangents are ignored (they must not feed the loss).
+  """
+  return _bn_relu_pool_fwd(y, scale, bias, layout)[0]
+
+
+def _bn_relu_pool_fwd(y, scale, bias, layout):
+  mean, var = _moments(y)
+  rstd = lax.rsqrt(var + _BN_EPSILON)
+  yw, axes = _windows(y, layout)
+  selected = _pool_selected(yw, axes, scale)
+  pre = (selected - mean) * rstd * scale + bias  # the order of TorchBatchNorm's operations
+  out = _squeeze_pooled(nn.relu(pre), layout)
+  return (out, mean, var), (y, selected, pre, mean, rstd, scale)
+
+
+def _bn_relu_pool_bwd(layout, residuals, cotangents):
+  y, selected, pre, mean, rstd, scale = residuals
+  g_out = cotangents[0]  # the statistics' cotangents are ignored (see the docstring)
+  count = y.size // y.shape[-1]
+  a = rstd * scale
+  yw, axes = _windows(y, layout)
+  g_pre = jnp.where(pre > 0, jnp.expand_dims(g_out, axes), 0.0)
+  x_selected = (selected - mean) * rstd
+  stat_axes = tuple(range(g_pre.ndim - 1))
+  g_bias = g_pre.sum(stat_axes)
+  g_scale = (g_pre * x_selected).sum(stat_axes)
+  # The pooled gradient goes to the first maximal element of each window in row-major order,
+  # as XLA's select-and-scatter does for max-pool.
+  idx, _ = _window_index(yw.shape, axes)
+  first = _first_selected(_window_elements(yw, axes), selected)
+  g_z = jnp.where(idx == first, g_pre, 0.0)
+  if layout == "s2d" or yw.size == y.size:
+    g_z = g_z.reshape(y.shape)
+  else:  # odd sizes: the dropped row/column gets no pooled gradient
+    b, h, w, c = y.shape
+    g_z = g_z.reshape(b, 2 * (h // 2), 2 * (w // 2), c)
+    g_z = jnp.pad(g_z, ((0, 0), (0, h - g_z.shape[1]), (0, w - g_z.shape[2]), (0, 0)))
+  g_y = a * (g_z - g_bias / count - (y - mean) * rstd * (g_scale / count))
+  return g_y, g_scale, g_bias
+
+
+bn_relu_pool.defvjp(_bn_relu_pool_fwd, _bn_relu_pool_bwd)
+
+
+def bn_relu_pool_eval(y, scale, bias, mean, var, layout: str = "nhwc"):
+  """Inference-mode BatchNorm (running statistics) -> ReLU -> 2x2 max-pool, pooling first."""
+  rstd = lax.rsqrt(var + _BN_EPSILON)
+  yw, axes = _windows(y, layout)
+  selected = _pool_selected(yw, axes, scale)
+  return _squeeze_pooled(nn.relu((selected - mean) * rstd * scale + bias), layout)
+
+
+# ---------------------------------------------------------------------------------------------
+# The first block as matrix products, channels first
+#
+# The 5x5 convolution of the first block, written on the 2x2 space-to-depth input (s2d_kernel),
+# is one matrix product Y^T = Ws^T P^T where P^T [9*4*Ci, N] holds, for each of the N = B*H/2*W/2
+# output blocks, its 3x3 neighbourhood of input blocks (channels first: rows are (ty, tx, ay, ax,
+# ci), columns (b, i, j)), and the rows (py, px, co) of Y^T are the four pixels of each pooling
+# window. BatchNorm statistics and the pool are then reductions and maxima over contiguous rows
+# (an XLA library reduction over the 4 rows was 10x slower than the elementwise maxima used).
+
+
+def stem_patches(x: jax.Array) -> jax.Array:
+  """P^T [36*Ci, B*H/2*W/2] of NHWC x [B, H, W, Ci] (H, W even): the 3x3 block neighbourhoods of
+  its 2x2 space-to-depth, zero-padded by one block (= 2 pixels, the 5x5 kernel's 'same')."""
+  b, h, w, ci = x.shape
+  h2, w2 = h // 2, w // 2
+  xp = jnp.pad(x, ((0, 0), (2, 2), (2, 2), (0, 0)))
+  planes = xp.reshape(b, h2 + 2, 2, w2 + 2, 2, ci).transpose(2, 4, 5, 0, 1, 3)  # ay ax ci b i j
+  taps = [planes[..., ty:ty + h2, tx:tx + w2] for ty in range(3) for tx in range(3)]
+  return jnp.stack(taps).reshape(36 * ci, b * h2 * w2)
+
+
+def _stem_pool(yt, scale):
+  """Max (min where scale < 0) over the four window rows of yt [4, co, N], elementwise."""
+  rows = list(yt)
+  return jnp.where((scale >= 0)[:, None], _tree_reduce(jnp.maximum, rows),
+                   _tree_reduce(jnp.minimum, rows))
+
+
+def _chunk_size(batch: int, target: int) -> int:
+  """The largest divisor of batch that is at most target."""
+  return max(d for d in range(1, min(batch, max(target, 1)) + 1) if batch % d == 0)
+
+
+def _stem_chunk_stats(xc, ws, scale):
+  """One chunk of examples: the pooled selection, its window index, and the chunk's mean and
+  sum of squared deviations per channel (exact two-pass within the chunk)."""
+  pt = stem_patches(xc)
+  co = ws.shape[1] // 4
+  yt = jnp.dot(ws.T, pt).reshape(4, co, -1)
+  mean = yt.mean((0, 2))
+  m2 = jnp.square(yt - mean[:, None]).sum((0, 2))
+  sel = _stem_pool(yt, scale)
+  return sel, _first_selected(list(yt), sel), mean, m2
+
+
+# The chunks are processed in independent loops (lax.map over a share each): XLA's CPU runtime
+# runs independent operations concurrently, so the otherwise serial first block can use both
+# cores (2-3 % faster at batch 40, neutral at 256).
+_STEM_LANES = 2
+
+
+def _lanes(n: int) -> list[tuple[int, int]]:
+  k = max(1, min(_STEM_LANES, n))
+  bounds = [round(i * n / k) for i in range(k + 1)]
+  return list(zip(bounds[:-1], bounds[1:]))
+
+
+def _in_lanes(f, xs):
+  """lax.map(f, xs) as independent maps over contiguous shares of xs (see _STEM_LANES)."""
+  parts = [lax.map(f, xs[lo:hi]) for lo, hi in _lanes(xs.shape[0])]
+  return jax.tree.map(lambda *a: jnp.concatenate(a), *parts)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def stem_bn_relu_pool(x, kernel, scale, bias, chunk: int = 4):
+  """First LeNet block in training mode: 5x5 'same' convolution (no bias) -> BatchNorm (batch
+  statistics) -> ReLU -> 2x2 max-pool, for NHWC x with even H, W. Returns (pooled NHWC, batch
+  mean, biased batch variance); the statistics' cotangents are ignored (as bn_relu_pool).
+
+  The batch is processed `chunk` examples at a time (lax.map), so that the full-resolution
+  patches and convolution output of a chunk stay in cache instead of making several passes over
+  memory; the BatchNorm statistics are merged exactly over chunks (Chan et al.). The backward
+  pass goes over the chunks again, recomputing each chunk's patches and output and accumulating
+  the kernel gradient P g_y^T, with g_y BatchNorm's gradient of the pooled gradient routed to
+  each window's first maximum. The input gradient is computed only when x is differentiated.
+  """
+  return _stem_fwd(*(_Primal(v) for v in (x, kernel, scale, bias)), chunk)[0]
+
+
+class _Primal:
+  """Stands in for CustomVJPPrimal when stem_bn_relu_pool is called without differentiation."""
+
+  def __init__(self, value):
+    self.value, self.perturbed = value, False
+
+
+def _stem_fwd(x, kernel, scale, bias, chunk):
+  x_perturbed = x.perturbed
+  x, kernel, scale, bias = x.value, kernel.value, scale.value, bias.value
+  b, h, w, ci = x.shape
+  co = kernel.shape[-1]
+  h2, w2 = h // 2, w // 2
+  cb = _chunk_size(b, chunk)
+  ws = s2d_kernel(kernel, 2).reshape(36 * ci, 4 * co)
+  xs = x.reshape(b // cb, cb, h, w, ci)
+  sel, first, means, m2s = _in_lanes(lambda xc: _stem_chunk_stats(xc, ws, scale), xs)
+  per_chunk = 4 * cb * h2 * w2
+  mean = means.mean(0)
+  var = (m2s.sum(0) + per_chunk * jnp.square(means - mean).sum(0)) / (per_chunk * (b // cb))
+  rstd = lax.rsqrt(var + _BN_EPSILON)
+  pre = (sel - mean[:, None]) * rstd[:, None] * scale[:, None] + bias[:, None]  # [nc, co, Nc]
+  out = nn.relu(pre).reshape(b // cb, co, cb, h2, w2).transpose(0, 2, 3, 4, 1)
+  residuals = (xs, ws, kernel, scale, bias, sel, first, mean, rstd, x_perturbed)
+  return (out.reshape(b, h2, w2, co), mean, var), residuals
+
+
+def _stem_bwd(chunk, residuals, cotangents):
+  del chunk
+  xs, ws, kernel, scale, bias, sel, first, mean, rstd, x_perturbed = residuals
+  g_out = cotangents[0]
+  nc, cb, h, w, ci = xs.shape
+  co = kernel.shape[-1]
+  h2, w2 = h // 2, w // 2
+  count = 4 * nc * cb * h2 * w2
+  if isinstance(g_out, jax.custom_derivatives.SymbolicZero):
+    g_out = jnp.zeros((nc * cb, h2, w2, co), jnp.float32)
+  g = g_out.reshape(nc, cb, h2, w2, co).transpose(0, 4, 1, 2, 3).reshape(nc, co, -1)
+  x_sel = (sel - mean[:, None]) * rstd[:, None]
+  g_pre = jnp.where(x_sel * scale[:, None] + bias[:, None] > 0, g, 0.0)
+  g_bias = g_pre.sum((0, 2))
+  g_scale = (g_pre * x_sel).sum((0, 2))
+  tile = lambda v: jnp.tile(v, 4)[:, None]  # [co] -> [(p, co), 1]  # noqa: E731
+  a, c1, c2 = tile(rstd * scale), tile(g_bias / count), tile(rstd * g_scale / count)
+  mean4 = tile(mean)
+  idx = lax.broadcasted_iota(jnp.int8, (4, co, 1), 0)
+
+  def body(d_ws_t, inputs):
+    xc, first_c, g_pre_c = inputs
+    pt = stem_patches(xc)
+    yt = jnp.dot(ws.T, pt)
+    g_z = jnp.where(idx == first_c[None], g_pre_c[None], 0.0).reshape(4 * co, -1)
+    g_y = a * (g_z - c1 - (yt - mean4) * c2)
+    d_x = None
+    if x_perturbed:
+      _, patches_vjp = jax.vjp(stem_patches, xc)
+      d_x = patches_vjp(jnp.dot(ws, g_y))[0]
+    return d_ws_t + jnp.dot(g_y, pt.T), d_x
+
+  zero = jnp.zeros((4 * co, 36 * ci), jnp.float32)
+  parts = [lax.scan(body, zero, tuple(v[lo:hi] for v in (xs, first, g_pre)))
+           for lo, hi in _lanes(nc)]
+  d_ws_t = sum(part[0] for part in parts)
+  d_x = jnp.concatenate([part[1] for part in parts]) if x_perturbed else None
+  _, s2d_vjp = jax.vjp(lambda k: s2d_kernel(k, 2), kernel)
+  d_kernel = s2d_vjp(d_ws_t.T.reshape(3, 3, 4 * ci, 4 * co))[0]
+  d_x = d_x.reshape(nc * cb, h, w, ci) if x_perturbed else None
+  return d_x, d_kernel, g_scale, g_bias
+
+
+stem_bn_relu_pool.defvjp(_stem_fwd, _stem_bwd, symbolic_zeros=True)
+
+
+def stem_bn_relu_pool_eval(x, kernel, scale, bias, mean, var, chunk: int = 4):
+  """The first block in inference mode (running statistics), chunked as stem_bn_relu_pool."""
+  b, h, w, ci = x.shape
+  co = kernel.shape[-1]
+  h2, w2 = h // 2, w // 2
+  cb = _chunk_size(b, chunk)
+  ws = s2d_kernel(kernel, 2).reshape(36 * ci, 4 * co)
+
+  def pooled(xc):
+    return _stem_pool(jnp.dot(ws.T, stem_patches(xc)).reshape(4, co, -1), scale)
+
+  sel = _in_lanes(pooled, x.reshape(b // cb, cb, h, w, ci))  # [nc, co, Nc]
+  rstd = lax.rsqrt(var + _BN_EPSILON)
+  pre = (sel - mean[:, None]) * rstd[:, None] * scale[:, None] + bias[:, None]
+  out = nn.relu(pre).reshape(b // cb, co, cb, h2, w2).transpose(0, 2, 3, 4, 1)
+  return out.reshape(b, h2, w2, co)
+
+
+# ---------------------------------------------------------------------------------------------
+# Variable holders: the plain modules' variable tree, declared at the same paths
+
+
+class _ConvVars(nn.Module):
+  """nn.Conv(use_bias=False, kernel_init=kaiming_uniform)'s variables: params 'kernel'."""
+  shape: tuple[int, ...]
+
+  @nn.compact
+  def __call__(self):
+    return self.param("kernel", paper_models.kaiming_uniform, self.shape, jnp.float32)
+
+
+class _BatchNormVars(nn.Module):
+  """paper_models.TorchBatchNorm's variables: params scale, bias; batch_stats mean, var."""
+  features: int
+
+  def setup(self):
+    self.scale = self.param("scale", nn.initializers.ones, (self.features,))
+    self.bias = self.param("bias", nn.initializers.zeros, (self.features,))
+    self.mean = self.variable("batch_stats", "mean", jnp.zeros, (self.features,), jnp.float32)
+    self.var = self.variable("batch_stats", "var", jnp.ones, (self.features,), jnp.float32)
+
+  def __call__(self):
+    return self.scale, self.bias, self.mean.value, self.var.value
+
+  def update(self, batch_mean, batch_var, count):
+    """PyTorch's running averages (momentum 0.1, unbiased variance), as TorchBatchNorm."""
+    if self.is_initializing():
+      return
+    unbiased = batch_var * (count / max(count - 1, 1))
+    self.mean.value = _BN_MOMENTUM * self.mean.value + (1 - _BN_MOMENTUM) * batch_mean
+    self.var.value = _BN_MOMENTUM * self.var.value + (1 - _BN_MOMENTUM) * unbiased
+
+
+class _LeNetVars(nn.Module):
+  """paper_models.LeNet's variables (conv_i, bn_i)."""
+  in_channels: int
+  channels: int
+  num_blocks: int
+
+  def blocks(self) -> list[tuple[int, int, int]]:
+    """(input channels, output channels, kernel size) per block, as LeNet._blocks."""
+    widths = [self.channels] + [self.channels * 2 ** (i + 1) for i in range(self.num_blocks)]
+    ins = [self.in_channels] + widths[:-1]
+    return [(ci, co, 5 if i == 0 else 3) for i, (ci, co) in enumerate(zip(ins, widths))]
+
+  def setup(self):
+    for i, (ci, co, k) in enumerate(self.blocks()):
+      setattr(self, f"conv_{i}", _ConvVars((k, k, ci, co)))
+      setattr(self, f"bn_{i}", _BatchNormVars(co))
+
+  def __call__(self) -> list[dict[str, jax.Array]]:
+    out = []
+    for i in range(len(self.blocks())):
+      scale, bias, mean, var = getattr(self, f"bn_{i}")()
+      out.append({"kernel": getattr(self, f"conv_{i}")(), "scale": scale, "bias": bias,
+                  "mean": mean, "var": var})
+    return out
+
+  def update(self, stats: Sequence[tuple[jax.Array, jax.Array, int]]):
+    for i, (mean, var, count) in enumerate(stats):
+      getattr(self, f"bn_{i}").update(mean, var, count)
+
+
+class _ExpertVars(nn.Module):
+  """An expert's variables under its plain names: 'encoder' (uni-modal) or 'encoder_<m>' (joint),
+  and 'head' (models.MLP, also applied here so that dropout keys match the plain module)."""
+  encoder_names: tuple[tuple[str, str], ...]  # (modality, submodule name)
+  lenets: tuple[tuple[int, int, int], ...]    # per modality: (in_channels, channels, num_blocks)
+  head: tuple[int, ...]
+  dropout_rate: float = 0.0
+
+  def setup(self):
+    for (_, sub), (ci, c, k) in zip(self.encoder_names, self.lenets):
+      setattr(self, sub, _LeNetVars(ci, c, k))
+    self.head_mlp = models.MLP(self.head, self.dropout_rate, name="head")
+
+  def encoders(self) -> dict[str, list[dict[str, jax.Array]]]:
+    return {m: getattr(self, sub)() for m, sub in self.encoder_names}
+
+  def update(self, stats: Mapping[str, Sequence[tuple[jax.Array, jax.Array, int]]]):
+    for m, sub in self.encoder_names:
+      getattr(self, sub).update(stats[m])
+
+  def __call__(self, features: jax.Array, train: bool):
+    return self.head_mlp(features, train)
+
+
+# ---------------------------------------------------------------------------------------------
+# The classifier
+
+
+class FastLeNetClassifier(nn.Module):
+  """LeNet experts + PoE, computed with fused first convolutions per modality (module docstring).
+
+  `experts`: (name, modalities read, {modality: (channels, num_blocks)}, head widths, dropout)
+  in the plain classifier's expert order. `modality_shapes`: per-example shapes [H, W, C].
+  `use_s2d`: space-to-depth for the fused first convolutions where the shape allows it.
+  `fuse_first_conv`: one convolution per modality for all experts' first blocks.
+  """
+  experts: tuple[tuple[str, tuple[str, ...], tuple[tuple[str, tuple[int, int]], ...],
+                       tuple[int, ...], float], ...]
+  modality_shapes: tuple[tuple[str, tuple[int, ...]], ...]
+  use_s2d: bool = True
+  fuse_first_conv: bool = True
+  stem_matmul: bool = True
+
+  def setup(self):
+    shapes = dict(self.modality_shapes)
+    holders = {}
+    for name, modalities, lenets, head, dropout in self.experts:
+      lenets = dict(lenets)
+      names = tuple((m, "encoder" if name != models.JOINT else f"encoder_{m}") for m in modalities)
+      holders[name] = _ExpertVars(names, tuple((shapes[m][-1],) + tuple(lenets[m])
+                                               for m in modalities), tuple(head), dropout,
+                                  name=name)
+    self.holders = holders
+
+  def __call__(self, inputs: Mapping[str, jax.Array], train: bool = False,
+               present: jax.Array | None = None) -> dict[str, Any]:
+    variables = {name: self.holders[name].encoders() for name, *_ in self.experts}
+    features: dict[str, dict[str, jax.Array]] = {name: {} for name, *_ in self.experts}
+    stats: dict[str, dict[str, list]] = {name: {} for name, *_ in self.experts}
+    for modality, _ in self.modality_shapes:
+      readers = [name for name, modalities, *_ in self.experts if modality in modalities]
+      if not readers:
+        continue
+      x = inputs[modality]
+      if x.ndim != 4:
+        raise ValueError(f"LeNet expects images [B, H, W, C] (NHWC); got {modality!r} of shape "
+                         f"{x.shape}.")
+      branch_vars = [variables[name][modality] for name in readers]
+      outs, branch_stats = self._encode(x.astype(jnp.float32), branch_vars, train)
+      for name, h, st in zip(readers, outs, branch_stats):
+        features[name][modality] = h.reshape(h.shape[0], -1)
+        stats[name][modality] = st
+    logits = {}
+    for name, modalities, *_ in self.experts:
+      f = [features[name][m] for m in modalities]
+      logits[name] = self.holders[name](f[0] if len(f) == 1 else jnp.concatenate(f, axis=-1),
+                                        train)
+      if train:
+        self.holders[name].update(stats[name])
+    return {"log_probs": product_of_experts(logits, present), "expert_logits": logits}
+
+  # -- encoders ---------------------------------------------------------------------------------
+
+  def _encode(self, x, branch_vars, train):
+    """All LeNet branches reading one modality: the first block fused across branches, the
+    rest per branch. Returns per branch the features and the (mean, var, count) of each block."""
+    widths = [v[0]["kernel"].shape[-1] for v in branch_vars]
+    if self.fuse_first_conv:
+      first = [self._block0(x, _concat_block([v[0] for v in branch_vars]), train)]
+      h_all, stats_all = first[0]
+      splits = np.cumsum(widths)[:-1].tolist()
+      hs = jnp.split(h_all, splits, axis=-1)
+      stats0 = list(zip(*(jnp.split(s, splits) if i < 2 else [s] * len(widths)
+                          for i, s in enumerate(stats_all))))
+    else:
+      results = [self._block0(x, v[0], train) for v in branch_vars]
+      hs = [h for h, _ in results]
+      stats0 = [s for _, s in results]
+    outs, all_stats = [], []
+    for h, st0, blocks in zip(hs, stats0, branch_vars):
+      st = [tuple(st0)]
+      for block in blocks[1:]:
+        y = conv3x3(h, block["kernel"])
+        h, s = self._bn_pool(y, block, train, "nhwc")
+        st.append(s)
+      outs.append(h)
+      all_stats.append(st)
+    return outs, all_stats
+
+  def _block0(self, x, block, train):
+    kernel = block["kernel"]
+    k = kernel.shape[0]
+    count = x.shape[0] * x.shape[1] * x.shape[2]
+    if self.stem_matmul and k == 5 and x.shape[1] % 2 == 0 and x.shape[2] % 2 == 0:
+      if train:
+        out, mean, var = stem_bn_relu_pool(x, kernel, block["scale"], block["bias"])
+        return out, (mean, var, count)
+      out = stem_bn_relu_pool_eval(x, kernel, block["scale"], block["bias"], block["mean"],
+                                   block["var"])
+      return out, (block["mean"], block["var"], count)
+    if self.use_s2d and can_use_s2d(x.shape, k):
+      y = conv2d(space_to_depth(x, 2), s2d_kernel(kernel, 2), 1)
+      b, h, w, _ = y.shape
+      return self._bn_pool(y.reshape(b, h, w, 4, kernel.shape[-1]), block, train, "s2d")
+    return self._bn_pool(conv2d(x, kernel, k // 2), block, train, "nhwc")
+
+  @staticmethod
+  def _bn_pool(y, block, train, layout):
+    count = y.size // y.shape[-1]
+    if train:
+      out, mean, var = bn_relu_pool(y, block["scale"], block["bias"], layout)
+      return out, (mean, var, count)
+    out = bn_relu_pool_eval(y, block["scale"], block["bias"], block["mean"], block["var"], layout)
+    return out, (block["mean"], block["var"], count)
+
+
+def _concat_block(blocks):
+  if len(blocks) == 1:
+    return blocks[0]
+  return {"kernel": jnp.concatenate([b["kernel"] for b in blocks], axis=-1),
+          **{k: jnp.concatenate([b[k] for b in blocks]) for k in ("scale", "bias", "mean", "var")}}
+
+
+# ---------------------------------------------------------------------------------------------
+# Building from a config, and the (identity) layout conversion
+
+
+def _lenet_kwargs(model_config, modality: str, joint: bool) -> dict[str, Any]:
+  kwargs = models._config_entry(model_config.get("encoder_kwargs"), modality)  # pylint: disable=protected-access
+  if joint:
+    kwargs = models._config_entry(model_config.get("joint_encoder_kwargs"), modality, kwargs)  # pylint: disable=protected-access
+  kwargs = models._as_kwargs(kwargs)  # pylint: disable=protected-access
+  unsupported = {k: v for k, v in kwargs.items()
+                 if k not in ("channels", "num_blocks") and v not in (False, None)}
+  if unsupported:
+    raise ValueError(f"config.model.implementation='fast' supports LeNet's channels and "
+                     f"num_blocks only; {'joint_' if joint else ''}encoder_kwargs.{modality} "
+                     f"sets {unsupported}. Use implementation='plain'.")
+  defaults = paper_models.LeNet()
+  return {"channels": int(kwargs.get("channels", defaults.channels)),
+          "num_blocks": int(kwargs.get("num_blocks", defaults.num_blocks))}
+
+
+def check_supported(model_config, modality_shapes: Mapping[str, Sequence[int]]) -> None:
+  """Raises a ValueError naming the field when the fast implementation cannot build this model."""
+  for m, shape in modality_shapes.items():
+    name = models._config_entry(model_config.get("encoders"), m)  # pylint: disable=protected-access
+    if name != "lenet":
+      raise ValueError(f"config.model.implementation='fast' supports LeNet experts only "
+                       f"(the AV-MNIST models); config.model.encoders.{m} is {name!r}. Use "
+                       f"implementation='plain' for this model.")
+    if len(shape) != 3:
+      raise ValueError(f"config.model.implementation='fast' needs images [H, W, C]; modality "
+                       f"{m!r} has per-example shape {tuple(shape)}.")
+  names = models.expert_names(model_config.kind, list(modality_shapes),
+                              model_config.get("modality", ""))
+  if models.JOINT in names:
+    fusion = model_config.get("fusion", "late_fusion")
+    if fusion != "late_fusion" or models._as_kwargs(model_config.get("fusion_kwargs")):  # pylint: disable=protected-access
+      raise ValueError(f"config.model.implementation='fast' supports the late_fusion joint "
+                       f"expert without fusion_kwargs; config.model.fusion is {fusion!r}. Use "
+                       f"implementation='plain' (e.g. for lrtf).")
+
+
+def build_fast_model(model_config, modality_shapes: Mapping[str, Sequence[int]],
+                     num_classes: int, **options) -> FastLeNetClassifier:
+  """The fast classifier for config.model (same experts and variables as models.build_model)."""
+  check_supported(model_config, modality_shapes)
+  modalities = list(modality_shapes)
+  head = tuple(model_config.head_hidden) + (num_classes,)
+  dropout = float(model_config.get("dropout_rate", 0.0))
+  experts = []
+  for name in models.expert_names(model_config.kind, modalities, model_config.get("modality", "")):
+    reads = models.expert_modalities(name, modalities)
+    lenets = tuple((m, tuple(_lenet_kwargs(model_config, m, name == models.JOINT).values()))
+                   for m in reads)
+    experts.append((name, reads, lenets, head, dropout))
+  return FastLeNetClassifier(
+      experts=tuple(experts),
+      modality_shapes=tuple((m, tuple(int(d) for d in s)) for m, s in modality_shapes.items()),
+      **options)
+
+
+def _same_tree(a, b) -> bool:
+  """Same tree structure and leaf shapes (arrays or jax.ShapeDtypeStruct)."""
+  shapes = lambda t: [tuple(getattr(x, "shape", np.shape(x))) for x in jax.tree.leaves(t)]  # noqa: E731
+  return jax.tree.structure(a) == jax.tree.structure(b) and shapes(a) == shapes(b)
+
+
+def to_plain_variables(fast_variables, plain_template=None):
+  """The plain classifier's variables from the fast one's. The layouts are the same (module
+  docstring), so this returns the same tree; with `plain_template` (e.g. `jax.eval_shape` of
+  the plain model's init) it checks the structure and shapes first."""
+  if plain_template is not None and not _same_tree(fast_variables, plain_template):
+    raise ValueError("These variables do not have the plain model's layout.")
+  return fast_variables
+
+
+def from_plain_variables(plain_variables, fast_template=None):
+  """The fast classifier's variables from the plain one's (the same tree; see
+  `to_plain_variables`)."""
+  if fast_template is not None and not _same_tree(plain_variables, fast_template):
+    raise ValueError("These variables do not have the fast model's layout.")
+  return plain_variables
+
+
+models.register_implementation(IMPLEMENTATION, build_fast_model)
