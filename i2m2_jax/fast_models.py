@@ -126,18 +126,22 @@ def _conv3x3_bwd(residuals, g):
 
 
 # XLA computes a kernel gradient as a convolution whose features are the batch (after
-# transposing both operands); on CPU its cost grew faster than the batch. Summing it over
-# independent chunks of 8 examples (16 at most chunks) was 2-5x faster at batch 40 and 256 for
-# every LeNet layer, and the chunks run concurrently on the cores.
+# transposing both operands); on CPU that got much slower with more than ~16 examples. Summing
+# it over independent chunks of 8 examples (16 chunks at most) was 2-5x faster at batch 40 and
+# 256, and the chunks run concurrently on the cores. Every chunk is a separate XLA operation to
+# compile (+3 s for the AV-MNIST I2M2 step when done for all layers), so only the layers of at
+# least 28x28 pixels, where nearly all the gain is, are chunked.
 _KERNEL_GRAD_CHUNK = 8
 _KERNEL_GRAD_MAX_CHUNKS = 16
+_KERNEL_GRAD_MIN_SIZE = 28 * 28
 
 
 def conv3x3_kernel_grad(x, g, kernel_shape):
   """Gradient of conv2d(x, kernel, 1) wrt kernel for output cotangent g, summed over chunks."""
   b = x.shape[0]
   target = max(_KERNEL_GRAD_CHUNK, -(-b // _KERNEL_GRAD_MAX_CHUNKS))
-  size = _chunk_size(b, target) if jax.default_backend() == "cpu" else b
+  chunked = jax.default_backend() == "cpu" and x.shape[1] * x.shape[2] >= _KERNEL_GRAD_MIN_SIZE
+  size = _chunk_size(b, target) if chunked else b
   total = None
   for lo in range(0, b, size):
     _, kernel_vjp = jax.vjp(lambda k, xc=x[lo:lo + size]: conv2d(xc, k, 1),
