@@ -50,6 +50,9 @@ def get_config():
   # How the classifier is computed: 'plain' (the modules of i2m2_jax/models.py) or 'fast'
   # (i2m2_jax/fast_models.py: LeNet experts only, same function and variables, faster).
   config.model.implementation = "plain"
+  # Activations in 'float32' or 'bfloat16' (mixed precision: parameters, optimiser state, BatchNorm
+  # statistics and the product of experts stay float32). bfloat16 is for GPUs/TPUs, plain only.
+  config.model.compute_dtype = "float32"
   # Initialise experts from other runs' best checkpoints: "expert=workdir[,expert=workdir]",
   # e.g. "uni_image=runs/img,joint=runs/lf" (the paper's staged recipe).
   config.model.init_from = ""

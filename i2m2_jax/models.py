@@ -13,6 +13,7 @@ Everything here is a pure flax.linen module, usable on its own in other JAX code
 """
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, Mapping, Sequence
 
 import flax.linen as nn
@@ -263,6 +264,42 @@ def register_implementation(name: str, builder: Callable[..., nn.Module]) -> Non
   if name == PLAIN or (name in IMPLEMENTATIONS and IMPLEMENTATIONS[name] is not builder):
     raise ValueError(f"An implementation named {name!r} is registered already.")
   IMPLEMENTATIONS[name] = builder
+
+
+# config.model.compute_dtype -> the dtype activations are computed in. Parameters, optimiser
+# state and BatchNorm statistics stay float32 (mixed precision); see apply_in_dtype.
+COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def compute_dtype(model_config) -> Any:
+  """The jnp dtype named by config.model.compute_dtype (default 'float32')."""
+  name = model_config.get("compute_dtype", "float32") or "float32"
+  if name not in COMPUTE_DTYPES:
+    raise ValueError(f"config.model.compute_dtype={name!r} is unknown; expected one of "
+                     f"{list(COMPUTE_DTYPES)}.")
+  return COMPUTE_DTYPES[name]
+
+
+def cast_floating(tree, dtype):
+  """Every floating-point leaf of `tree` as `dtype`; other leaves unchanged."""
+  return jax.tree.map(
+      lambda x: x.astype(dtype) if jnp.issubdtype(jnp.result_type(x), jnp.floating) else x, tree)
+
+
+def apply_in_dtype(apply_fn: Callable[..., Any], dtype) -> Callable[..., Any]:
+  """`apply_fn` (a module's apply) computing in `dtype`: the floating parameters are cast on the
+  way in, so the float32 originals stay the ones trained and checkpointed (their gradients come
+  back through the cast as float32). BatchNorm statistics are not cast: they are averaged in
+  float32. The caller casts the inputs (train_lib.make_preprocess); the product of experts is
+  computed in float32 whatever the experts' dtype (combine.product_of_experts)."""
+  if jnp.dtype(dtype) == jnp.float32:
+    return apply_fn
+
+  @functools.wraps(apply_fn)  # keeps __wrapped__: train_lib reads the module behind it
+  def apply(variables, *args, **kwargs):
+    return apply_fn({**variables, "params": cast_floating(variables["params"], dtype)},
+                    *args, **kwargs)
+  return apply
 
 
 def build_model(model_config, modality_shapes: Mapping[str, Sequence[int]],
