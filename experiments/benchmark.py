@@ -12,10 +12,11 @@ training loop; the paths are interleaved (repeat r of plain, then of fast, ...) 
 machine's load falls on both alike, and medians are reported. Printed, as one Markdown table:
 
 * train and eval examples/s and step time per path and batch, and fast/plain;
-* achieved GFLOP/s and its fraction of this machine's float32 matmul rate (a 2048^2 jnp.dot timed
-  in the same run). FLOPs are counted by hand from the model config (`model_flops`): 2 per
-  multiply-add of every convolution and dense layer, forward once and backward twice (input and
-  weight gradients), except that each encoder's first convolution has no input gradient;
+* achieved GFLOP/s and its fraction of this machine's matmul rate in the same dtype (a 2048^2
+  jnp.dot on CPU, 8192^2 elsewhere, timed in the same run). FLOPs are counted by hand from the
+  model config (`model_flops`): 2 per multiply-add of every convolution and dense layer,
+  forward once and backward twice (input and weight gradients), except that each encoder's
+  first convolution has no input gradient;
   BatchNorm, pooling, activations and the optimiser are not counted. Both paths compute the same
   function and are credited the same FLOPs;
 * the first train step's time (tracing, compilation and one run) and XLA's compile time in it,
@@ -23,13 +24,19 @@ machine's load falls on both alike, and medians are reported. Printed, as one Ma
   last batch is padded, through train_lib.evaluate);
 * (--experts) the step time of each expert of I2M2 trained alone (kind uni/inter with the same
   config) and of I2M2, timed interleaved, per path listed in --expert_paths;
-* (--input) the fraction of step time spent waiting for input when the fast step is fed by the
-  real pipeline: a small AV-MNIST array_record build (random MultiBench-format files through the
-  TFDS builder of i2m2_jax/datasets/avmnist.py) read by input_pipeline.train_batches (grain, one
-  prefetch thread) from the ArrayRecord source, not from memory.
+* (--input) the fraction of step time spent waiting for input when the step of --input_path
+  (default fast) is fed by the real pipeline: a small AV-MNIST array_record build (random
+  MultiBench-format files through the TFDS builder of i2m2_jax/datasets/avmnist.py) read by
+  input_pipeline.train_batches (grain, one prefetch thread) from the ArrayRecord source, not
+  from memory.
 
---json PATH also writes the rows as a JSON list; every row has path, mode ('train' or 'eval'),
-batch and examples_per_s, plus the other measurements of that row. Runs unchanged on a GPU.
+--dtypes float32,bfloat16 also times bfloat16 compute (config.model.compute_dtype; mixed
+precision, plain path only: the fast path is a float32 CPU implementation); each dtype's rows
+are compared with the matmul rate of that dtype.
+
+--json PATH also writes the rows as a JSON list; every row has path, dtype, mode ('train' or
+'eval'), batch and examples_per_s, plus the other measurements of that row. Runs unchanged on a
+GPU, where the matmul is 8192^2 (2048^2 on CPU) so that it comes near the card's peak.
 
 Process settings, the same for both paths: glibc malloc keeps freed memory (host_memory;
 --noretain_memory to measure without), the 'rbg' PRNG (it only makes the parameter
@@ -62,12 +69,16 @@ _BATCHES = flags.DEFINE_list("batches", ["40", "256"], "Batch sizes.")
 _STEPS = flags.DEFINE_integer("steps", 10, "Timed steps per path, batch and repeat.")
 _REPEATS = flags.DEFINE_integer("repeats", 3, "Interleaved repeats (plain, fast, plain, ...).")
 _PATHS = flags.DEFINE_list("paths", ["plain", "fast"], "Implementations to compare.")
+_DTYPES = flags.DEFINE_list("dtypes", ["float32"], "Compute dtypes (config.model.compute_dtype) "
+                            "to time; 'fast' is float32 only, so it is skipped in others.")
 _JSON = flags.DEFINE_string("json", None, "Also write the rows as a JSON list here.")
 _QUICK = flags.DEFINE_bool("quick", False, "Plumbing check: 1 repeat, a 64-row data set, small "
                            "matmul, no expert breakdown unless --experts is given explicitly.")
 _EXPERTS = flags.DEFINE_bool("experts", True, "Time each expert of I2M2 trained alone.")
 _EXPERT_PATHS = flags.DEFINE_list("expert_paths", ["fast"], "Paths of the expert breakdown.")
 _INPUT = flags.DEFINE_bool("input", True, "Measure the input wait with the real pipeline.")
+_INPUT_PATH = flags.DEFINE_string("input_path", "fast", "Path (float32) fed by the real pipeline "
+                                  "for the input wait; the first path run if it is not run.")
 _INPUT_ROWS = flags.DEFINE_integer("input_rows", 2000, "Training rows of the array_record build.")
 _RETAIN_MEMORY = flags.DEFINE_bool("retain_memory", True, "glibc malloc keeps freed memory.")
 _COMPILATION_CACHE = flags.DEFINE_bool("compilation_cache", False,
@@ -178,12 +189,12 @@ class CompileCounter:
     return self.count, self.seconds
 
 
-def matmul_gflops(n: int, repeats: int = 5) -> float:
-  """Best float32 n x n matmul rate of this device (jnp.dot, jitted)."""
+def matmul_gflops(n: int, repeats: int = 5, dtype: str = "float32") -> float:
+  """Best n x n matmul rate of this device in `dtype` (jnp.dot, jitted, default precision)."""
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  a = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
-  b = jax.random.normal(jax.random.key(2), (n, n), jnp.float32)
+  a = jax.random.normal(jax.random.key(1), (n, n), dtype)
+  b = jax.random.normal(jax.random.key(2), (n, n), dtype)
   f = jax.jit(jnp.dot)
   f(a, b).block_until_ready()
   f(a, b).block_until_ready()
@@ -222,7 +233,7 @@ class Path:
   """One implementation: its model, state and compiled steps."""
 
   def __init__(self, name: str, config, mesh, counter: CompileCounter, kind: str = "i2m2",
-               modality: str = ""):
+               modality: str = "", dtype: str = "float32"):
     import jax  # pylint: disable=g-import-not-at-top
     import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
     from i2m2_jax import models, train_lib  # pylint: disable=g-import-not-at-top
@@ -231,12 +242,15 @@ class Path:
     model_config.implementation = name
     model_config.kind = kind
     model_config.modality = modality
+    model_config.compute_dtype = dtype
+    compute_dtype = models.compute_dtype(model_config)
     self.model = models.build_model(model_config, MODALITY_SHAPES, NUM_CLASSES)
     self.dataset = _fake_dataset(8, 0)
-    self.preprocess = train_lib.make_preprocess(self.dataset, None)
+    self.preprocess = train_lib.make_preprocess(self.dataset, None, compute_dtype)
     tx = train_lib.create_optimizer(config.optimizer, 10_000)
     example = {m: jnp.zeros((1,) + tuple(s), jnp.float32) for m, s in MODALITY_SHAPES.items()}
-    self.state = train_lib.create_train_state(self.model, tx, example, jax.random.key(0), mesh)
+    self.state = train_lib.create_train_state(self.model, tx, example, jax.random.key(0), mesh,
+                                              compute_dtype)
     jax.block_until_ready(self.state)
     self.train_fn = train_lib.jit_train_step(self.preprocess, mesh)
     self.eval_fn = train_lib.jit_eval_step(self.preprocess, mesh)
@@ -337,7 +351,9 @@ def _machine() -> dict[str, Any]:
 
 def run(config, batches: Sequence[int], steps: int, repeats: int, paths: Sequence[str],
         experts: bool, expert_paths: Sequence[str], measure_input: bool, input_rows: int,
-        matmul_n: int, log: Callable[[str], None] = print) -> tuple[list[dict[str, Any]], str]:
+        matmul_n: int, log: Callable[[str], None] = print,
+        dtypes: Sequence[str] = ("float32",),
+        input_path: str = "fast") -> tuple[list[dict[str, Any]], str]:
   """Measures everything (module docstring); returns (JSON rows, Markdown report)."""
   import jax  # pylint: disable=g-import-not-at-top
   from i2m2_jax import train_lib  # pylint: disable=g-import-not-at-top
@@ -349,49 +365,61 @@ def run(config, batches: Sequence[int], steps: int, repeats: int, paths: Sequenc
   for b in batches:
     if b % jax.device_count():
       raise ValueError(f"Batch {b} is not a multiple of the device count {jax.device_count()}.")
-  peak = matmul_gflops(matmul_n)
+  peaks = {d: matmul_gflops(matmul_n, dtype=d) for d in dtypes}
   flops = model_flops(config.model)
-  log(f"matmul {matmul_n}^2 float32: {peak:.1f} GFLOP/s; model: {flops['train'] / 1e6:.1f} "
-      f"MFLOP per training example ({flops['forward'] / 1e6:.1f} forward)")
+  log(", ".join(f"matmul {matmul_n}^2 {d}: {g:.1f} GFLOP/s" for d, g in peaks.items())
+      + f"; model: {flops['train'] / 1e6:.1f} MFLOP per training example "
+      f"({flops['forward'] / 1e6:.1f} forward)")
 
-  built = {p: Path(p, config, mesh, counter) for p in paths}
-  rows: dict[tuple[str, str, int], dict[str, Any]] = {}
+  # Runs are (path, dtype); the fast implementation computes in float32 only.
+  runs = [(p, d) for d in dtypes for p in paths if p != "fast" or d == "float32"]
+  if len(runs) < len(paths) * len(dtypes):
+    notes.append("path fast computes in float32 only: its other dtypes are not run")
+  built = {(p, d): Path(p, config, mesh, counter, dtype=d) for p, d in runs}
+  rows: dict[tuple[str, str, str, int], dict[str, Any]] = {}
   for b in batches:
     device_batches = [train_lib.global_batch(h, mesh) for h in random_batches(b, 4, seed=b)]
-    for p in paths:  # the first step of each shape compiles
-      built[p].train(device_batches[0])
-      built[p].evaluate(device_batches[0])
-    times = {(p, mode): [] for p in paths for mode in ("train", "eval")}
-    recompiles = {(p, mode): 0 for p in paths for mode in ("train", "eval")}
+    for run_key in runs:  # the first step of each shape compiles
+      built[run_key].train(device_batches[0])
+      built[run_key].evaluate(device_batches[0])
+    times = {(k, mode): [] for k in runs for mode in ("train", "eval")}
+    recompiles = {(k, mode): 0 for k in runs for mode in ("train", "eval")}
     for r in range(repeats):
       for mode in ("train", "eval"):
-        for p in paths:
-          step = built[p].train if mode == "train" else built[p].evaluate
+        for run_key in runs:
+          step = built[run_key].train if mode == "train" else built[run_key].evaluate
           n0 = counter.snapshot()[0]
-          times[(p, mode)] += [step(device_batches[i % len(device_batches)])
-                               for i in range(steps)]
-          recompiles[(p, mode)] += counter.snapshot()[0] - n0
+          times[(run_key, mode)] += [step(device_batches[i % len(device_batches)])
+                                     for i in range(steps)]
+          recompiles[(run_key, mode)] += counter.snapshot()[0] - n0
       log(f"batch {b}, repeat {r + 1}/{repeats}: " + ", ".join(
-          f"{p} {mode} {1e3 * statistics.median(times[(p, mode)]):.1f} ms"
-          for p in paths for mode in ("train", "eval")))
-    for p in paths:
-      rows[(p, "train", b)] = {**_median_row(times[(p, "train")], b), **built[p].first_step[b],
-                               "recompilations": recompiles[(p, "train")]}
+          f"{p} {d} {mode} {1e3 * statistics.median(times[((p, d), mode)]):.1f} ms"
+          for p, d in runs for mode in ("train", "eval")))
+    for p, d in runs:
+      path = built[(p, d)]
+      rows[(p, d, "train", b)] = {**_median_row(times[((p, d), "train")], b),
+                                  **path.first_step[b],
+                                  "recompilations": recompiles[((p, d), "train")]}
       # Padded evaluation: a split whose last batch is padded, through train_lib.evaluate.
       padded = _fake_dataset(2 * b + b // 2 + 1, seed=b + 1)
       n0 = counter.snapshot()[0]
-      train_lib.evaluate(built[p].eval_fn, built[p].state, padded.sources["val"], padded, b, mesh)
-      rows[(p, "eval", b)] = {**_median_row(times[(p, "eval")], b),
-                              "recompilations": recompiles[(p, "eval")],
-                              "recompilations_padded_eval": counter.snapshot()[0] - n0}
+      train_lib.evaluate(path.eval_fn, path.state, padded.sources["val"], padded, b, mesh)
+      rows[(p, d, "eval", b)] = {**_median_row(times[((p, d), "eval")], b),
+                                 "recompilations": recompiles[((p, d), "eval")],
+                                 "recompilations_padded_eval": counter.snapshot()[0] - n0}
 
-  for (p, mode, b), row in rows.items():
+  for (p, d, mode, b), row in rows.items():
     per_example = flops["train"] if mode == "train" else flops["forward"]
+    row["dtype"] = d
     row["gflop_per_s"] = per_example * row["examples_per_s"] / 1e9
-    row["peak_fraction"] = row["gflop_per_s"] / peak
-    base = rows.get(("plain", mode, b))
+    row["matmul_gflop_per_s"] = peaks[d]
+    row["peak_fraction"] = row["gflop_per_s"] / peaks[d]
+    base = rows.get(("plain", d, mode, b))
     if base and p != "plain":
       row["speedup_vs_plain"] = row["examples_per_s"] / base["examples_per_s"]
+    base32 = rows.get((p, "float32", mode, b))
+    if base32 and d != "float32":
+      row["speedup_vs_float32"] = row["examples_per_s"] / base32["examples_per_s"]
 
   expert_rows: dict[tuple[str, int], dict[str, float]] = {}
   if experts:
@@ -399,21 +427,21 @@ def run(config, batches: Sequence[int], steps: int, repeats: int, paths: Sequenc
     # I2M2 itself so that the comparison sees the same machine load.
     alone = {"uni_image": ("uni", "image"), "uni_audio": ("uni", "audio"), "joint": ("inter", "")}
     for p in expert_paths:
-      runs = {"i2m2": built.get(p) or Path(p, config, mesh, counter)}
-      runs.update({name: Path(p, config, mesh, counter, kind=kind, modality=modality)
-                   for name, (kind, modality) in alone.items()})
+      alone_runs = {"i2m2": built.get((p, "float32")) or Path(p, config, mesh, counter)}
+      alone_runs.update({name: Path(p, config, mesh, counter, kind=kind, modality=modality)
+                         for name, (kind, modality) in alone.items()})
       for b in batches:
         batch = train_lib.global_batch(random_batches(b, 1, seed=b)[0], mesh)
-        times = {name: [] for name in runs}
-        for run in runs.values():
-          run.train(batch)
+        times = {name: [] for name in alone_runs}
+        for path in alone_runs.values():
+          path.train(batch)
         for _ in range(max(repeats, 1)):
-          for name, run in runs.items():
-            times[name] += [run.train(batch) for _ in range(steps)]
+          for name, path in alone_runs.items():
+            times[name] += [path.train(batch) for _ in range(steps)]
         med = {name: 1e3 * statistics.median(t) for name, t in times.items()}
         parts = {name: med[name] for name in alone}
         expert_rows[(p, b)] = parts
-        row = rows.setdefault((p, "train", b), {})
+        row = rows.setdefault((p, "float32", "train", b), {})
         row["expert_step_ms"] = parts
         row["experts_sum_step_ms"] = sum(parts.values())
         row["i2m2_step_ms_with_experts"] = med["i2m2"]
@@ -427,23 +455,25 @@ def run(config, batches: Sequence[int], steps: int, repeats: int, paths: Sequenc
       t = time.perf_counter()
       source = build_array_record(input_rows, tmp)
       build_s = time.perf_counter() - t
-      p = "fast" if "fast" in built else paths[0]
+      p, d = (input_path, "float32") if (input_path, "float32") in built else runs[0]
       for b in batches:
         if b > len(source):
           continue
-        rows[(p, "train", b)].update(input_wait(built[p], source, b, max(steps, 10)))
+        rows[(p, d, "train", b)].update(input_wait(built[(p, d)], source, b, max(steps, 10)))
       input_note = (f"Input: {len(source)} training rows of random uint8 AV-MNIST written as "
                     f"MultiBench .npy files and built by the TFDS builder into array_record in "
                     f"{build_s:.0f} s; read with input_pipeline.train_batches (grain, one "
-                    f"prefetch thread) from the ArrayRecord source; path {p}.")
+                    f"prefetch thread) from the ArrayRecord source; path {p}, {d}.")
 
   load_after = os.getloadavg()
   out = []
-  for (p, mode, b), row in sorted(rows.items(), key=lambda kv: (kv[0][2], kv[0][1] != "train",
-                                                                 kv[0][0] != "plain")):
+  dtype_order = {d: i for i, d in enumerate(dtypes)}
+  for (p, d, mode, b), row in sorted(
+      rows.items(), key=lambda kv: (kv[0][3], kv[0][2] != "train", dtype_order[kv[0][1]],
+                                    kv[0][0] != "plain")):
     out.append({"path": p, "mode": mode, "batch": b, **row, **machine,
                 "load_before": list(load_before), "load_after": list(load_after)})
-  report = _report(out, expert_rows, peak, flops, machine, load_before, load_after, notes,
+  report = _report(out, expert_rows, peaks, flops, machine, load_before, load_after, notes,
                    input_note, matmul_n, steps, repeats)
   return out, report
 
@@ -452,21 +482,33 @@ def _fmt(x, spec: str, missing: str = "–") -> str:
   return missing if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
 
 
-def _report(rows, expert_rows, peak, flops, machine, load_before, load_after, notes, input_note,
+def _vs(row) -> str:
+  """The 'vs plain' cell: speed-up over plain in the same dtype, and over float32."""
+  parts = []
+  if "speedup_vs_plain" in row:
+    parts.append(f"{row['speedup_vs_plain']:.2f}x")
+  if "speedup_vs_float32" in row:
+    parts.append(f"{row['speedup_vs_float32']:.2f}x vs float32")
+  return ", ".join(parts) or "–"
+
+
+def _report(rows, expert_rows, peaks, flops, machine, load_before, load_after, notes, input_note,
             matmul_n, steps, repeats) -> str:
   lines = [f"Machine: {machine['cpu']}; JAX {machine['jax']} on {machine['device']}"
            + (f"; XLA_FLAGS={machine['xla_flags']}" if machine["xla_flags"] else "") + ".",
            f"Load average (1/5/15 min) before {'/'.join(f'{x:.2f}' for x in load_before)}, "
            f"after {'/'.join(f'{x:.2f}' for x in load_after)}. Medians of {steps} steps x "
            f"{repeats} interleaved repeats.",
-           f"float32 matmul ({matmul_n}^2 jnp.dot): {peak:.1f} GFLOP/s. Model FLOPs (hand count "
+           "Matmul rate (" + ", ".join(f"{d} {matmul_n}^2 jnp.dot {g:.1f}"
+                                       for d, g in peaks.items())
+           + f" GFLOP/s). Model FLOPs (hand count "
            f"from the config): {flops['train'] / 1e6:.1f} M per training example, "
            f"{flops['forward'] / 1e6:.1f} M per evaluated example."]
   lines += [f"Note: {n}." for n in notes]
-  lines += ["", "| path | mode | batch | step ms (min–max) | examples/s | vs plain | GFLOP/s | "
-            "% of matmul | first step s (XLA compile s) | recompiles (padded eval) | "
+  lines += ["", "| path | dtype | mode | batch | step ms (min–max) | examples/s | vs plain | "
+            "GFLOP/s | % of matmul | first step s (XLA compile s) | recompiles (padded eval) | "
             "input wait | experts alone, ms: image + audio + joint = sum; I2M2 (I2M2 / sum) |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
   for r in rows:
     first = (f"{r['first_step_s']:.1f} ({r['compile_s']:.1f})" if "first_step_s" in r else "")
     recompiles = _fmt(r.get("recompilations"), "d")
@@ -482,9 +524,9 @@ def _report(rows, expert_rows, peak, flops, machine, load_before, load_after, no
                f"{r['experts_sum_step_ms']:.1f}; I2M2 {r['i2m2_step_ms_with_experts']:.1f} "
                f"({r['i2m2_over_experts_sum']:.2f})")
     lines.append(
-        f"| {r['path']} | {r['mode']} | {r['batch']} | {r['step_ms']:.1f} "
+        f"| {r['path']} | {r['dtype']} | {r['mode']} | {r['batch']} | {r['step_ms']:.1f} "
         f"({r['step_ms_min']:.1f}–{r['step_ms_max']:.1f}) | {r['examples_per_s']:.0f} | "
-        f"{_fmt(r.get('speedup_vs_plain'), '.2f')}{'x' if 'speedup_vs_plain' in r else ''} | "
+        f"{_vs(r)} | "
         f"{r['gflop_per_s']:.1f} | {100 * r['peak_fraction']:.1f} | {first} | {recompiles} | "
         f"{wait} | {parts} |")
   if input_note:
@@ -506,7 +548,8 @@ def main(argv):
       1 if quick and not flags.FLAGS["repeats"].present else _REPEATS.value,
       list(_PATHS.value), experts, list(_EXPERT_PATHS.value), _INPUT.value,
       64 if quick and not flags.FLAGS["input_rows"].present else _INPUT_ROWS.value,
-      512 if quick else 2048)
+      512 if quick else (2048 if jax.default_backend() == "cpu" else 8192),
+      dtypes=list(_DTYPES.value), input_path=_INPUT_PATH.value)
   print()
   print("Command: python " + " ".join(sys.argv))
   print(report)

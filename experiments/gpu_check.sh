@@ -1,0 +1,54 @@
+#!/bin/bash
+# Issue 5's GPU measurements in one call: the benchmark in float32 and bfloat16, and short
+# training runs showing bfloat16 keeps accuracy. Meant for a lent GPU machine that already has
+# JAX with CUDA (python3 = its Python); our other dependencies travel as wheels in .whl/ (see the
+# README's Performance section for how they are fetched). Results go to $OUT (default ./gpu_out).
+#
+#   bash experiments/gpu_check.sh            # the full check, about 8 minutes
+#   QUICK=1 bash experiments/gpu_check.sh    # plumbing only (small shapes; also runs on a CPU)
+set -u
+OUT=${OUT:-gpu_out}
+mkdir -p "$OUT"
+PY=${PYTHON:-python3}
+if [ -d .whl ]; then
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+      --target /tmp/i2m2_site .whl/*.whl || exit 1
+  cp -r .whl/promise /tmp/i2m2_site/ 2>/dev/null
+  export PYTHONPATH=/tmp/i2m2_site:$PWD
+else
+  export PYTHONPATH=$PWD
+fi
+export PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv 2>/dev/null
+"$PY" -c "import jax, flax; print('jax', jax.__version__, 'flax', flax.__version__, jax.devices())"
+
+if [ "${QUICK:-0}" = 1 ]; then
+  BENCH="--batches 8 --steps 2 --quick"; TRAIN=300; TEST=100; EPOCHS=1; SEEDS=1
+  PREC_DIGITS="--config configs/digits.py:smoke"
+else
+  BENCH="--batches 40,256,1024 --steps 20 --repeats 2"; TRAIN=6000; TEST=1000; EPOCHS=4
+  PREC_DIGITS="--config configs/digits.py"; SEEDS=2
+fi
+
+# 1. Throughput: plain and fast in float32, plain in bfloat16 (fast is float32 only); input
+#    wait of the plain path fed by grain from an array_record build.
+timeout 280 "$PY" experiments/benchmark.py --config configs/avmnist.py $BENCH \
+    --dtypes float32,bfloat16 --experts=false --input_path plain \
+    --json "$OUT/bench_gpu.json" 2>&1 | grep -v -i "warning" | tee "$OUT/bench_gpu.txt"
+
+# 2. Accuracy: the AV-MNIST I2M2 (LeNet experts) on digits made into AV-MNIST files, trained
+#    from scratch in float32 and bfloat16 with the same seed.
+"$PY" experiments/digits_as_avmnist.py --out /tmp/digits_av --train $TRAIN --val $((TRAIN / 6)) \
+    --test $TEST
+timeout 170 "$PY" experiments/precision.py --config configs/avmnist.py:i2m2 \
+    --workdir /tmp/precision_av --config.model.init_from= --config.data.manual_dir=/tmp/digits_av \
+    --config.data.data_dir=/tmp/tfds --config.data.num_val=$((TRAIN / 6)) \
+    --config.num_epochs=$EPOCHS --config.optimizer.learning_rate=0.05 \
+    --config.eval_missing_modalities=false 2>&1 | grep -v -i "warning" | tail -12 \
+    | tee "$OUT/precision_avmnist.txt"
+grep -H '"accuracy"' /tmp/precision_av/*/seed_*/results.json  # in case the table was cut short
+
+# 3. Accuracy: the digits quick-start model (MLP experts), several seeds.
+timeout 110 "$PY" experiments/precision.py $PREC_DIGITS --workdir /tmp/precision_digits \
+    --seeds $SEEDS --config.data.data_dir=/tmp/tfds --config.eval_missing_modalities=false \
+    2>&1 | grep -v -i "warning" | tail -12 | tee "$OUT/precision_digits.txt"
