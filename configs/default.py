@@ -62,6 +62,9 @@ def get_config():
   config.data.data_dir = ""        # TFDS build cache; "" means ~/tensorflow_datasets
   config.data.manual_dir = ""      # folder holding files the user downloaded
   config.data.standardize = True   # inputs standardised with training-split statistics
+  # The train and val splits are read into host memory once when each is at most this many GiB
+  # (decoding array_record at every batch cannot keep a GPU busy); <= 0: always from the files.
+  config.data.in_memory_max_gb = 4.0
   return config
 
 

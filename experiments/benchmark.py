@@ -27,8 +27,11 @@ machine's load falls on both alike, and medians are reported. Printed, as one Ma
 * (--input) the fraction of step time spent waiting for input when the step of --input_path
   (default fast) is fed by the real pipeline: a small AV-MNIST array_record build (random
   MultiBench-format files through the TFDS builder of i2m2_jax/datasets/avmnist.py) read by
-  input_pipeline.train_batches (grain, one prefetch thread) from the ArrayRecord source, not
-  from memory.
+  input_pipeline.train_batches (grain, one prefetch thread) from the split read into memory once
+  (input_pipeline.in_memory, the trainer's default) and, 'streamed', from the ArrayRecord files
+  at every batch; the examples/s fed by each over those of the step alone (the wait misses time
+  the pipeline's thread holds the GIL while the step is dispatched); and the examples/s of each
+  pipeline alone.
 
 --dtypes float32,bfloat16 also times bfloat16 compute (config.model.compute_dtype; mixed
 precision, plain path only: the fast path is a float32 CPU implementation); each dtype's rows
@@ -311,8 +314,20 @@ def build_array_record(rows: int, workdir: str, seed: int = 0):
   return builder.as_data_source("train")
 
 
+def pipeline_rate(source, batch: int, batches: int = 8) -> float:
+  """Examples/s of input_pipeline.train_batches alone (no step), in the caller's thread."""
+  from i2m2_jax import input_pipeline  # pylint: disable=g-import-not-at-top
+  it = input_pipeline.train_batches(source, batch_size=batch, seed=1,
+                                    modalities=list(MODALITY_SHAPES), prefetch=0)
+  next(it)
+  t = time.perf_counter()
+  for _ in range(batches):
+    next(it)
+  return batch * batches / (time.perf_counter() - t)
+
+
 def input_wait(path: Path, source, batch: int, steps: int, warmup: int = 3) -> dict[str, float]:
-  """Fraction of the fast step's wall time spent in next(iterator) of the real pipeline."""
+  """Fraction of the step's wall time spent in next(iterator) of the real pipeline."""
   from i2m2_jax import input_pipeline, train_lib  # pylint: disable=g-import-not-at-top
   batches = input_pipeline.train_batches(source, batch_size=batch, seed=0,
                                          modalities=list(MODALITY_SHAPES))
@@ -356,7 +371,7 @@ def run(config, batches: Sequence[int], steps: int, repeats: int, paths: Sequenc
         input_path: str = "fast") -> tuple[list[dict[str, Any]], str]:
   """Measures everything (module docstring); returns (JSON rows, Markdown report)."""
   import jax  # pylint: disable=g-import-not-at-top
-  from i2m2_jax import train_lib  # pylint: disable=g-import-not-at-top
+  from i2m2_jax import input_pipeline, train_lib  # pylint: disable=g-import-not-at-top
   load_before = os.getloadavg()
   config, notes = benchmark_config(config)
   counter = CompileCounter()
@@ -453,17 +468,36 @@ def run(config, batches: Sequence[int], steps: int, repeats: int, paths: Sequenc
   if measure_input:
     with tempfile.TemporaryDirectory() as tmp:
       t = time.perf_counter()
-      source = build_array_record(input_rows, tmp)
+      streamed = build_array_record(input_rows, tmp)
       build_s = time.perf_counter() - t
+      t = time.perf_counter()
+      # What the trainer feeds by default (config.data.in_memory_max_gb): the split read from
+      # its array_record files into memory once.
+      cached = input_pipeline.in_memory(streamed, max_gb=1e9)
+      load_s = time.perf_counter() - t
       p, d = (input_path, "float32") if (input_path, "float32") in built else runs[0]
       for b in batches:
-        if b > len(source):
+        if b > len(streamed):
           continue
-        rows[(p, d, "train", b)].update(input_wait(built[(p, d)], source, b, max(steps, 10)))
-      input_note = (f"Input: {len(source)} training rows of random uint8 AV-MNIST written as "
+        row = rows[(p, d, "train", b)]
+        row.update(input_wait(built[(p, d)], cached, b, max(steps, 10)))
+        row.update({f"{k}_streamed": v for k, v in
+                    input_wait(built[(p, d)], streamed, b, max(steps, 10)).items()})
+        row["pipeline_examples_per_s"] = pipeline_rate(cached, b)
+        row["pipeline_examples_per_s_streamed"] = pipeline_rate(streamed, b)
+        # The wait misses time the pipeline's thread holds the GIL while the step is dispatched
+        # (and the host-to-device copy the timed steps above do not make): the end-to-end rate
+        # fed by the pipeline over the rate of the step alone tells the whole cost.
+        for suffix in ("", "_streamed"):
+          row[f"fed_over_alone{suffix}"] = (row[f"input_examples_per_s{suffix}"]
+                                            / row["examples_per_s"])
+      input_note = (f"Input: {len(streamed)} training rows of random uint8 AV-MNIST written as "
                     f"MultiBench .npy files and built by the TFDS builder into array_record in "
-                    f"{build_s:.0f} s; read with input_pipeline.train_batches (grain, one "
-                    f"prefetch thread) from the ArrayRecord source; path {p}, {d}.")
+                    f"{build_s:.0f} s; fed to path {p} ({d}) by input_pipeline.train_batches "
+                    f"(grain, one prefetch thread) from the split read into memory once "
+                    f"({load_s:.1f} s; the trainer's default, config.data.in_memory_max_gb) and, "
+                    f"'streamed', from the ArrayRecord files at every batch. Pipeline alone: "
+                    f"examples/s of train_batches with no step.")
 
   load_after = os.getloadavg()
   out = []
@@ -516,7 +550,11 @@ def _report(rows, expert_rows, peaks, flops, machine, load_before, load_after, n
       recompiles += f" ({_fmt(r.get('recompilations_padded_eval'), 'd')})"
     wait = ""
     if "input_wait_fraction" in r:
-      wait = f"{100 * r['input_wait_fraction']:.1f} %"
+      wait = (f"{100 * r['input_wait_fraction']:.1f} % (streamed "
+              f"{100 * r['input_wait_fraction_streamed']:.1f} %); fed/alone "
+              f"{r['fed_over_alone']:.2f} ({r['fed_over_alone_streamed']:.2f}); pipeline alone "
+              f"{r['pipeline_examples_per_s']:.0f} ({r['pipeline_examples_per_s_streamed']:.0f})"
+              f" ex/s")
     parts = ""
     if "expert_step_ms" in r:
       e = r["expert_step_ms"]

@@ -13,8 +13,9 @@ batch size. A source is anything with `len` and `source[i] -> {modality: array, 
   train on exactly the batches of one process with a P times larger batch. The order is
   reshuffled every epoch (grain's shuffle seeds epoch e with seed + e); batches may straddle
   epochs.
-  Grain shuffles and batches example *indices*; each batch is then read in one go
-  (`gather_batch`), which is ~2x faster than stacking grain-fetched examples one by one.
+  Grain shuffles and batches example *indices* (`train_index_dataset`, computed an epoch at a
+  time by `StepIndices`); each batch is then read in one go (`gather_batch`), which is ~2x
+  faster than stacking grain-fetched examples one by one.
 * `eval_batches`: one pass over a split in order, padded so that every process yields
   `num_eval_batches(...)` batches; padding rows are zeros with mask False, so summing
   mask-weighted metrics over all processes counts every example exactly once. As in training,
@@ -25,12 +26,16 @@ batch size. A source is anything with `len` and `source[i] -> {modality: array, 
 from __future__ import annotations
 
 import math
+import time
 from typing import Any, Iterator, Mapping, Sequence
 
+from absl import logging
 import grain
+from grain._src.python.experimental.index_shuffle.python.index_shuffle_module import index_shuffle as _index_shuffle  # pylint: disable=line-too-long
 import numpy as np
 
 Batch = dict[str, Any]
+_ENDLESS = 2 ** 62  # steps of the training stream
 
 
 class InMemorySource(Sequence):
@@ -76,6 +81,34 @@ class InMemorySource(Sequence):
     return f"InMemorySource(n={self._length}, {shapes})"
 
 
+def example_nbytes(example: Mapping[str, Any]) -> int:
+  """Bytes of one example's arrays (and label) as stored."""
+  return sum(np.asarray(v).nbytes for v in example.values())
+
+
+def in_memory(source, max_gb: float, name: str = "source"):
+  """`source` read once into host memory (an InMemorySource) when its estimated size, its length
+  times the bytes of its first example, is at most `max_gb` GiB; else `source` itself.
+
+  Reading an array_record source decodes every example each time it is read (~4,000 AV-MNIST
+  examples/s on one core, measured with experiments/benchmark.py), which a GPU outruns; from
+  memory a batch is one fancy-indexing copy per modality (~10x faster). max_gb <= 0 keeps the
+  source as it is. Logs which way it went and why.
+  """
+  if isinstance(source, InMemorySource) or max_gb <= 0 or len(source) == 0:
+    return source
+  nbytes = len(source) * example_nbytes(source[0])
+  if nbytes > max_gb * 2 ** 30:
+    logging.info("%s: %.2f GiB exceeds config.data.in_memory_max_gb=%g; read from its files at "
+                 "every batch.", name, nbytes / 2 ** 30, max_gb)
+    return source
+  start = time.perf_counter()
+  loaded = InMemorySource.from_source(source)
+  logging.info("%s: %d examples (%.2f GiB) read into memory in %.1f s.", name, len(loaded),
+               nbytes / 2 ** 30, time.perf_counter() - start)
+  return loaded
+
+
 def read_examples(source, indices: Sequence[int]) -> list[Mapping[str, Any]]:
   """source[i] for each index, in one bulk read when the source has `__getitems__` (tfds does)."""
   indices = [int(i) for i in indices]
@@ -119,6 +152,54 @@ def train_index_dataset(num_examples: int, *, batch_size: int, seed: int, proces
                   batch_fn=lambda idx: np.asarray(idx, dtype=np.int64)[lo:hi])
 
 
+class StepIndices:
+  """step -> the int64 [batch_size] example indices of that step on this process: the elements
+  of `train_index_dataset`, computed from one epoch's order at a time.
+
+  Going through grain's dataset layers costs ~25 us per example in Python, which caps the whole
+  pipeline near 36,000 examples/s; the same order is the epoch's permutation by grain's own
+  `index_shuffle` (with the per-epoch seed grain's ShuffleMapDataset uses), computed once per
+  epoch at ~5 us per example and then sliced. tests/test_input_pipeline.py checks that both give
+  the same indices, across epoch boundaries and processes (so runs and checkpoints made before
+  are unaffected); it would catch a grain release that changes its shuffle.
+  """
+
+  def __init__(self, num_examples: int, *, batch_size: int, seed: int, process_index: int = 0,
+               process_count: int = 1):
+    # Validates the arguments as the reference does, and gives the seed grain derives.
+    shuffled = train_index_dataset(num_examples, batch_size=batch_size, seed=seed,
+                                   process_index=process_index, process_count=process_count)
+    while not isinstance(shuffled, grain.MapDataset) or type(shuffled).__name__ != \
+        "ShuffleMapDataset":
+      shuffled = shuffled._parent  # pylint: disable=protected-access
+    self._seed = int(shuffled._seed)  # pylint: disable=protected-access
+    self._n = num_examples
+    self._global = batch_size * process_count
+    self._lo, self._hi = process_index * batch_size, (process_index + 1) * batch_size
+    self._orders: dict[int, np.ndarray] = {}
+
+  def _epoch_order(self, epoch: int) -> np.ndarray:
+    order = self._orders.get(epoch)
+    if order is None:
+      seed, last = (self._seed + epoch) % 2 ** 32, self._n - 1
+      order = np.fromiter((_index_shuffle(i, max_index=last, seed=seed, rounds=4)
+                           for i in range(self._n)), np.int64, self._n)
+      # A batch spans at most the epochs of its first and last positions: keep two.
+      self._orders = {e: o for e, o in self._orders.items() if e == epoch - 1}
+      self._orders[epoch] = order
+    return order
+
+  def __call__(self, step: int) -> np.ndarray:
+    first = int(step) * self._global + self._lo
+    positions = np.arange(first, first + self._hi - self._lo)
+    epochs = positions // self._n
+    out = np.empty(len(positions), np.int64)
+    for epoch in np.unique(epochs):
+      where = epochs == epoch
+      out[where] = self._epoch_order(int(epoch))[positions[where] % self._n]
+    return out
+
+
 def train_batches(source, *, batch_size: int, seed: int, start_step: int = 0,
                   process_index: int = 0, process_count: int = 1,
                   modalities: Sequence[str], prefetch: int = 2) -> Iterator[Batch]:
@@ -128,9 +209,10 @@ def train_batches(source, *, batch_size: int, seed: int, start_step: int = 0,
   thread); no worker processes.
   """
   modalities = tuple(modalities)
-  ds = train_index_dataset(len(source), batch_size=batch_size, seed=seed,
-                           process_index=process_index, process_count=process_count)
-  ds = ds[start_step:].map(lambda idx: gather_batch(source, idx, modalities))
+  indices = StepIndices(len(source), batch_size=batch_size, seed=seed,
+                        process_index=process_index, process_count=process_count)
+  steps = grain.MapDataset.range(start_step, _ENDLESS)
+  ds = steps.map(lambda step: gather_batch(source, indices(step), modalities))
   # One thread is enough here and leaves the CPU cores to the training step.
   read_options = grain.ReadOptions(num_threads=1 if prefetch > 0 else 0,
                                    prefetch_buffer_size=max(prefetch, 0))

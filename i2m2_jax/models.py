@@ -13,7 +13,6 @@ Everything here is a pure flax.linen module, usable on its own in other JAX code
 """
 from __future__ import annotations
 
-import functools
 from typing import Any, Callable, Mapping, Sequence
 
 import flax.linen as nn
@@ -295,10 +294,10 @@ def apply_in_dtype(apply_fn: Callable[..., Any], dtype) -> Callable[..., Any]:
   if jnp.dtype(dtype) == jnp.float32:
     return apply_fn
 
-  @functools.wraps(apply_fn)  # keeps __wrapped__: train_lib reads the module behind it
   def apply(variables, *args, **kwargs):
     return apply_fn({**variables, "params": cast_floating(variables["params"], dtype)},
                     *args, **kwargs)
+  apply.module_apply = apply_fn  # the module's own apply (see train_lib.model_expert_names)
   return apply
 
 

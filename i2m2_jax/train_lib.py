@@ -42,8 +42,8 @@ Faults and restarts (`train_and_evaluate`):
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
-import inspect
 import json
 import math
 import os
@@ -496,7 +496,8 @@ def experts_without(expert_names: Sequence[str], modalities: Sequence[str], miss
 
 def model_expert_names(state: TrainState) -> list[str]:
   """The experts of a state's MultiModalClassifier, in model order."""
-  module = getattr(inspect.unwrap(state.apply_fn), "__self__", None)
+  apply_fn = getattr(state.apply_fn, "module_apply", state.apply_fn)  # models.apply_in_dtype
+  module = getattr(apply_fn, "__self__", None)
   if module is not None and hasattr(module, "experts"):
     return [name for name, _ in module.experts]
   return list(state.params)
@@ -820,6 +821,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     os.makedirs(workdir, exist_ok=True)
   dataset = dataset or _load_dataset_in_turn(config.data)
   validate_config_for_dataset(config, dataset)
+  # The splits read again and again (every step, every evaluation) are kept in host memory
+  # when they are small enough (config.data.in_memory_max_gb).
+  max_gb = config.data.get("in_memory_max_gb", 0.0)
+  dataset = dataclasses.replace(dataset, sources={
+      split: input_pipeline.in_memory(source, max_gb, f"{dataset.name}/{split}")
+      if split in ("train", "val") else source for split, source in dataset.sources.items()})
   modalities = list(dataset.modalities)
   model = models.build_model(config.model, dataset.modalities, dataset.num_classes)
   mesh = make_mesh()

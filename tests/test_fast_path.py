@@ -325,7 +325,9 @@ def test_benchmark_smoke_run_writes_json_rows(tmp_path):
   assert train["fast"]["speedup_vs_plain"] > 0
   low = [r for r in rows if r["dtype"] == "bfloat16"]
   assert all(r["speedup_vs_float32"] > 0 and r["matmul_gflop_per_s"] > 0 for r in low)
-  assert 0 <= train["fast"]["input_wait_fraction"] < 1
+  for key in ("input_wait_fraction", "input_wait_fraction_streamed"):
+    assert 0 <= train["fast"][key] < 1
+  assert train["fast"]["pipeline_examples_per_s"] > 0
   assert {"first_step_s", "compile_s"} <= set(train["plain"])
   assert all(r["recompilations_padded_eval"] == 0 for r in rows if r["mode"] == "eval")
   assert "| fast | float32 | train | 8 |" in result.stdout

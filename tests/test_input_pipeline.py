@@ -193,3 +193,31 @@ def test_in_memory_source_contract():
     source[6]
   with pytest.raises(ValueError, match="length"):
     InMemorySource({"a": np.zeros(3), "label": np.zeros(4)})
+
+
+@pytest.mark.parametrize("n, batch_size, process_count, seed", [
+    (10, 3, 1, 0), (37, 5, 2, 7), (101, 7, 3, 2 ** 32 - 1), (64, 64, 1, 5)])
+def test_step_indices_equal_grain_index_dataset(n, batch_size, process_count, seed):
+  """The epoch-at-a-time indices are exactly grain's element-by-element ones (train_batches
+  reads the former; runs and checkpoints made with the latter stay valid)."""
+  for p in range(process_count):
+    reference = ip.train_index_dataset(n, batch_size=batch_size, seed=seed, process_index=p,
+                                       process_count=process_count)
+    fast = ip.StepIndices(n, batch_size=batch_size, seed=seed, process_index=p,
+                          process_count=process_count)
+    # Several epochs, batches that straddle them, and steps out of order (as after a resume).
+    for step in [*range(3 * n // batch_size + 2), 500, 7, 0]:
+      np.testing.assert_array_equal(fast(step), reference[step])
+
+
+def test_in_memory_reads_a_source_once_when_it_fits():
+  columns = make_columns(30)
+  source = as_list(columns)  # reads example by example, as a file-backed source
+  loaded = ip.in_memory(source, max_gb=1.0)
+  assert isinstance(loaded, InMemorySource) and len(loaded) == 30
+  for key in ("vec", "img", "label"):
+    np.testing.assert_array_equal(loaded.columns[key], columns[key])
+  per_example = ip.example_nbytes(source[0])
+  assert per_example == 3 * 4 + 4 * 4 * 2 + np.asarray(0).nbytes
+  assert ip.in_memory(source, max_gb=29 * per_example / 2 ** 30) is source  # too big: streamed
+  assert ip.in_memory(source, max_gb=0) is source                           # switched off

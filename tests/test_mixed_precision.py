@@ -47,6 +47,8 @@ def test_bfloat16_computes_the_float32_function_to_bfloat16_rounding(which):
                                  inputs, train=False)
     g, new_stats, _ = train_lib.loss_and_grads(state, batch, preprocess=preprocess)
     grads[dtype] = g
+    # The experts behind the wrapped apply (missing-modality evaluation reads them, in order).
+    assert train_lib.model_expert_names(state) == list(models.expert_names("i2m2", list(shapes)))
     # Parameters, their gradients and BatchNorm statistics stay float32.
     for leaf in jax.tree.leaves((state.params, g, new_stats)):
       assert leaf.dtype == jnp.float32
