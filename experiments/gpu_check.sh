@@ -1,8 +1,13 @@
 #!/bin/bash
-# Issue 5's GPU measurements in one call: the benchmark in float32 and bfloat16, and short
-# training runs showing bfloat16 keeps accuracy. Meant for a lent GPU machine that already has
-# JAX with CUDA (python3 = its Python); our other dependencies travel as wheels in .whl/ (see the
-# README's Performance section for how they are fetched). Results go to $OUT (default ./gpu_out).
+# The GPU measurements of the README's Performance section in one call: the benchmark in
+# float32 and bfloat16, and short training runs showing bfloat16 keeps accuracy. For a machine
+# that has JAX with CUDA (python3 = its Python) and no package index: setup.py's other pinned
+# dependencies travel as wheels in .whl/, fetched beforehand on a machine with one, e.g.
+#   pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#     --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 --platform any -d .whl \
+#     ml-collections==1.1.0 grain==0.2.18 array-record==0.8.6 tensorflow-datasets==4.9.10 ...
+# plus what they need that the machine lacks (promise, which has no wheel, as its package
+# folder). Without .whl/ the installed packages are used. Results go to $OUT (./gpu_out).
 #
 #   bash experiments/gpu_check.sh            # the full check, about 8 minutes
 #   QUICK=1 bash experiments/gpu_check.sh    # plumbing only (small shapes; also runs on a CPU)
