@@ -22,7 +22,7 @@ import pytest
 from configs import synthetic
 from i2m2_jax import checkpointing, input_pipeline, models, train_lib
 from i2m2_jax.datasets import Dataset
-from test_train_lib import NUM_CLASSES, MODALITIES, make_split
+from test_train_lib import NUM_CLASSES, MODALITIES, apply_overrides, make_split
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -44,13 +44,7 @@ def fast_config(kind="i2m2", **overrides):
   config.optimizer.schedule = "constant"
   config.data.standardize = False
   config.eval_missing_modalities = False
-  for key, value in overrides.items():
-    node = config
-    *path, last = key.split(".")
-    for p in path:
-      node = node[p]
-    node[last] = value
-  return config
+  return apply_overrides(config, overrides)
 
 
 def tiny_dataset(train=None):

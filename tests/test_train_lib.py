@@ -47,6 +47,12 @@ def tiny_config(kind="i2m2", **overrides):
   config.log_every_steps = 3
   config.optimizer.learning_rate = 3e-3
   config.optimizer.schedule = "constant"
+  return apply_overrides(config, overrides)
+
+
+def apply_overrides(config, overrides):
+  """Sets config fields named by dotted keys ({'optimizer.learning_rate': 0.1}), as the command
+  line's --config.optimizer.learning_rate=0.1 does; returns config."""
   for key, value in overrides.items():
     node = config
     *path, last = key.split(".")
