@@ -13,7 +13,6 @@ finished run is read back, an unfinished one resumes. Writes DIR/precision.md (m
 dtype, and the per-seed difference bfloat16 - float32 in points) and prints it. bfloat16 is meant
 for GPUs and TPUs: on a CPU it runs, slowly, and shows the same numerics.
 """
-import json
 import os
 import sys
 
@@ -24,7 +23,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # pylint: disable=g-import-not-at-top,wrong-import-position
-from i2m2_jax import comparison, report, train_lib, writers  # noqa: E402
+from i2m2_jax import comparison, report, writers  # noqa: E402
 from i2m2_jax.datasets import load_dataset  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=False)
@@ -44,15 +43,10 @@ def run_precision(config, workdir: str, seeds: int, dtypes) -> tuple[dict, str]:
   for dtype in dtypes:
     runs[dtype] = []
     for seed in range(config.seed, config.seed + seeds):
-      run_dir = os.path.join(workdir, dtype, f"seed_{seed}")
-      path = os.path.join(run_dir, "results.json")
-      if os.path.exists(path):
-        with open(path) as f:
-          runs[dtype].append(json.load(f))
-        continue
       run_config = config.copy_and_resolve_references()
       run_config.model.compute_dtype, run_config.seed = dtype, seed
-      runs[dtype].append(train_lib.train_and_evaluate(run_config, run_dir, dataset=dataset))
+      runs[dtype].append(comparison.train_or_read(
+          run_config, os.path.join(workdir, dtype, f"seed_{seed}"), dataset))
   table = report.markdown_table(report.summarize_runs(runs, METRICS), METRICS)
   reference = dtypes[0]
   lines = [f"# {dataset.name}, model {config.model.kind} ({config.model.get('implementation')}):"

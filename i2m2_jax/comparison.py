@@ -37,6 +37,17 @@ def comparison_metrics(runs) -> list[str]:
   return metrics + [f"test/experts/{e}" for e in experts]
 
 
+def train_or_read(config, run_dir: str, dataset):
+  """The results.json of a finished run in run_dir, else the results of training it there (an
+  unfinished run resumes from its checkpoint)."""
+  results_path = os.path.join(run_dir, "results.json")
+  if os.path.exists(results_path):
+    with open(results_path) as f:
+      return json.load(f)
+  logging.info("Training %s (seed %d) in %s", config.model.kind, config.seed, run_dir)
+  return train_lib.train_and_evaluate(config, run_dir, dataset=dataset)
+
+
 def run_comparison(config, workdir: str, seeds: int, models: Sequence[str] | None = None):
   """Trains every model variant (or those labelled in `models`) for seeds config.seed, ...,
   config.seed + seeds - 1, each in DIR/<model>/seed_<s> (finished runs are read back, unfinished
@@ -52,16 +63,10 @@ def run_comparison(config, workdir: str, seeds: int, models: Sequence[str] | Non
   for label, kind, modality in variants:
     runs[label] = []
     for seed in range(config.seed, config.seed + seeds):
-      run_dir = os.path.join(workdir, label, f"seed_{seed}")
-      results_path = os.path.join(run_dir, "results.json")
-      if os.path.exists(results_path):
-        with open(results_path) as f:
-          runs[label].append(json.load(f))
-        continue
       run_config = config.copy_and_resolve_references()
       run_config.model.kind, run_config.model.modality, run_config.seed = kind, modality, seed
-      logging.info("Training %s, seed %d, in %s", label, seed, run_dir)
-      runs[label].append(train_lib.train_and_evaluate(run_config, run_dir, dataset=dataset))
+      runs[label].append(
+          train_or_read(run_config, os.path.join(workdir, label, f"seed_{seed}"), dataset))
   metrics = comparison_metrics(runs)
   rows = report.summarize_runs(runs, metrics)
   table = report.markdown_table(rows, metrics)

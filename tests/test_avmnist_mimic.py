@@ -6,6 +6,7 @@ data_dir in tmp_path) and checks what the trainer would read against numpy refer
 import os
 import pickle
 import random
+import sys
 
 import ml_collections
 import numpy as np
@@ -14,6 +15,8 @@ import pytest
 from i2m2_jax.datasets import DATASETS
 from i2m2_jax.datasets import avmnist
 from i2m2_jax.datasets import mimic
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # ---------------------------------------------------------------------------------------------
 # AV-MNIST
@@ -253,3 +256,23 @@ def test_mimic_errors_name_file_and_key(tmp_path):
   write_mimic(tmp_path / "manual", arrays)
   with pytest.raises(ValueError, match="disagree on the number of patients"):
     DATASETS["mimic"](config)
+
+
+def test_digits_as_avmnist_files_load_and_carry_the_label(tmp_path):
+  sys.path.insert(0, os.path.join(ROOT, "experiments"))
+  import digits_as_avmnist  # pylint: disable=g-import-not-at-top
+  digits_as_avmnist.write(str(tmp_path / "manual"), train=300, val=60, test=40)
+  ds = DATASETS["avmnist"](avmnist_config(tmp_path, tmp_path / "manual", num_val=60))
+  assert {s: len(ds.sources[s]) for s in ("train", "val", "test")} == {
+      "train": 240, "val": 60, "test": 40}
+  image, audio = stack(ds.sources["train"], "image"), stack(ds.sources["train"], "audio")
+  labels = np.array([ds.sources["train"][i]["label"] for i in range(240)])
+  assert image.dtype == np.uint8 and audio.shape == (240, 112, 112, 1) and image.std() > 10
+  assert set(labels) == set(range(10))
+  # Each modality alone carries the label: the nearest class mean (of the other examples)
+  # classifies far above chance (10 %).
+  for x in (image, audio):
+    flat = x.reshape(len(x), -1).astype(np.float64)
+    means = np.stack([flat[labels == c].mean(0) for c in range(10)])
+    predicted = np.argmin(((flat[:, None] - means[None]) ** 2).sum(-1), axis=1)
+    assert np.mean(predicted == labels) > 0.5

@@ -87,3 +87,18 @@ def test_quickstart_summarises_digits_and_every_regime(tmp_path):
     assert f"| {model} | " in summary
   for part in ("digits", "intra_only", "inter_only", "both"):
     assert (workdir / part / "comparison.png").exists()
+
+
+def test_precision_trains_both_dtypes_and_reports_the_difference(tmp_path):
+  workdir = tmp_path / "prec"
+  proc = run(["experiments/precision.py", "--config", "configs/synthetic.py:smoke", "--workdir",
+              str(workdir), f"--config.data.data_dir={tmp_path / 'tfds'}",
+              "--config.eval_missing_modalities=false"], tmp_path)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  results = {d: json.loads((workdir / d / "seed_0" / "results.json").read_text())
+             for d in ("float32", "bfloat16")}
+  assert results["float32"]["test"]["accuracy"] > 0.3  # learns (chance 0.25)
+  table = (workdir / "precision.md").read_text()
+  assert "| float32 | 1 |" in table and "| bfloat16 | 1 |" in table
+  diff = 100 * (results["bfloat16"]["val"]["accuracy"] - results["float32"]["val"]["accuracy"])
+  assert f"mean {diff:+.2f} pt" in table
