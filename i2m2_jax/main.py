@@ -25,6 +25,7 @@ from absl import logging
 import jax
 from ml_collections import config_flags
 
+from i2m2_jax import host_memory
 from i2m2_jax import train_lib
 from i2m2_jax import writers
 
@@ -91,4 +92,7 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  # Before JAX starts its backend: keep freed host memory for reuse (i2m2_jax/host_memory.py; on
+  # CPU it saves the page faults of every step's buffers, and it is harmless elsewhere).
+  host_memory.retain_freed_memory()
   app.run(main)

@@ -178,23 +178,38 @@ def loss_and_grads(state: TrainState, batch: Batch, *, preprocess) -> tuple[Any,
 
 
 def _any_nonfinite(tree) -> jax.Array:
-  """1.0 if any leaf of `tree` holds a NaN or Inf, else 0.0 (float32 scalar)."""
+  """1.0 if any leaf of `tree` holds a NaN or Inf, else 0.0 (float32 scalar).
+
+  Exact (x * 0 is 0 for every finite x and NaN otherwise, so the sum cannot overflow), and one
+  reduction over all leaves: a reduction per leaf is a separate XLA kernel each (112 for the
+  AV-MNIST I2M2 parameters and statistics) that costs compile time. With finiteness_flags below,
+  the flags of the AV-MNIST I2M2 train step went from ~300 kernels to ~10 and its compilation on
+  2 CPU cores from +0.9 s to +0.3 s over no flags at all."""
   leaves = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(jnp.asarray(x).dtype, jnp.inexact)]
   if not leaves:
     return jnp.zeros((), jnp.float32)
-  finite = jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves])
-  return jnp.logical_not(jnp.all(finite)).astype(jnp.float32)
+  zeros = jnp.concatenate([jnp.ravel(x * 0).astype(jnp.float32) for x in leaves])
+  return jnp.logical_not(jnp.isfinite(jnp.sum(zeros))).astype(jnp.float32)
+
+
+def _nonfinite_norm(tree) -> jax.Array:
+  """1.0 if the squared L2 norm of `tree` is not finite, else 0.0: a leaf holds a NaN or Inf,
+  or the norm overflows float32 (an element above ~1.8e19 or a sum above ~3.4e38). Written as
+  optax.clip_by_global_norm's per-leaf sums of squares, so that XLA computes each of them once
+  for both (common subexpressions); a non-finite global norm also defeats that clipping."""
+  return jnp.logical_not(jnp.isfinite(optax.tree.norm(tree, squared=True))).astype(jnp.float32)
 
 
 def finiteness_flags(grads, new_state: TrainState) -> dict[str, jax.Array]:
-  """Whether each expert's gradient (`nonfinite_grads/<expert>`) and the updated parameters and
-  BatchNorm statistics (`nonfinite_params`) hold a non-finite value; checked before any save."""
+  """Whether each expert's gradient (`nonfinite_grads/<expert>`: NaN/Inf or an overflowing
+  squared norm, see _nonfinite_norm) and the updated parameters and BatchNorm statistics
+  (`nonfinite_params`: NaN/Inf) are non-finite; checked before any save."""
   flags = {}
   if isinstance(grads, Mapping) and grads:
     for name, g in grads.items():
-      flags[f"nonfinite_grads/{name}"] = _any_nonfinite(g)
+      flags[f"nonfinite_grads/{name}"] = _nonfinite_norm(g)
   else:
-    flags["nonfinite_grads/all"] = _any_nonfinite(grads)
+    flags["nonfinite_grads/all"] = _nonfinite_norm(grads)
   flags["nonfinite_params"] = _any_nonfinite((new_state.params, new_state.batch_stats))
   return flags
 
