@@ -282,10 +282,19 @@ def global_batch(local_batch: Batch, mesh: Mesh) -> Batch:
   return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, x), local_batch)
 
 
+def compiler_options() -> dict[str, Any] | None:
+  """XLA options of the jitted steps. On CPU, LLVM's optimisation level 1 instead of 2: most of
+  a step's compile time is LLVM's passes, and level 1 compiled the AV-MNIST I2M2 train step
+  0.4-0.7 s (batch 40) and 1.5-1.9 s (batch 256) faster on 2 cores with step times equal within
+  noise (level 0 halved compile time but ran 2.5x slower). Other backends keep their defaults."""
+  return {"xla_backend_optimization_level": 1} if jax.default_backend() == "cpu" else None
+
+
 def jit_train_step(preprocess, mesh: Mesh, step_fn=train_step):
   repl, data = replicated(mesh), data_sharded(mesh)
   return jax.jit(functools.partial(step_fn, preprocess=preprocess),
-                 in_shardings=(repl, data), out_shardings=(repl, repl), donate_argnums=0)
+                 in_shardings=(repl, data), out_shardings=(repl, repl), donate_argnums=0,
+                 compiler_options=compiler_options())
 
 
 def pmapped_train_step(preprocess, step_fn=pmap_train_step):
@@ -297,14 +306,16 @@ def jit_eval_step(preprocess, mesh: Mesh, present=None, step_fn=eval_step):
   repl, data = replicated(mesh), data_sharded(mesh)
   return jax.jit(functools.partial(step_fn, preprocess=preprocess, present=present),
                  in_shardings=(repl, data),
-                 out_shardings={"sums": repl, "positive_prob": data, "label": data, "mask": data})
+                 out_shardings={"sums": repl, "positive_prob": data, "label": data, "mask": data},
+                 compiler_options=compiler_options())
 
 
 def jit_eval_without_step(preprocess, mesh: Mesh, step_fn=eval_step_without):
   repl, data = replicated(mesh), data_sharded(mesh)
   return jax.jit(functools.partial(step_fn, preprocess=preprocess),
                  in_shardings=(repl, data, repl, repl),
-                 out_shardings={"sums": repl, "positive_prob": data, "label": data, "mask": data})
+                 out_shardings={"sums": repl, "positive_prob": data, "label": data, "mask": data},
+                 compiler_options=compiler_options())
 
 
 def split_for_pmap(local_batch: Batch) -> Batch:
