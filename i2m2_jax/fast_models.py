@@ -423,10 +423,15 @@ def _in_lanes(f, xs):
   return jax.tree.map(lambda *a: jnp.concatenate(a), *parts)
 
 
-def stem_chunk(batch: int) -> int:
-  """Examples per chunk of the first block: 4 on CPU (cache-sized, see above); the whole batch
-  elsewhere, where one large matrix product fills the device and a loop would serialise it."""
-  return 4 if jax.default_backend() == "cpu" else batch
+def stem_chunk(batch: int, train: bool) -> int:
+  """Examples per chunk of the first block (at most; `_chunk_size` takes a divisor of the batch).
+  On CPU: 4 in training, whose backward pass recomputes each chunk and should find it in cache;
+  32 in evaluation, where fewer, larger products won (AV-MNIST audio stem, 2 cores: 42 vs 50 ms
+  at batch 256, 4.6 vs 7.0 ms at batch 40, i.e. two chunks of 20, one per core). Elsewhere the
+  whole batch: one large matrix product fills the device and a loop would serialise it."""
+  if jax.default_backend() != "cpu":
+    return batch
+  return 4 if train else 32
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
@@ -719,10 +724,10 @@ class FastLeNetClassifier(nn.Module):
     if self.stem_matmul and k == 5 and x.shape[1] % 2 == 0 and x.shape[2] % 2 == 0:
       if train:
         out, mean, var = stem_bn_relu_pool(x, kernel, block["scale"], block["bias"],
-                                           stem_chunk(x.shape[0]))
+                                           stem_chunk(x.shape[0], train=True))
         return out, (mean, var, count)
       out = stem_bn_relu_pool_eval(x, kernel, block["scale"], block["bias"], block["mean"],
-                                   block["var"], stem_chunk(x.shape[0]))
+                                   block["var"], stem_chunk(x.shape[0], train=False))
       return out, (block["mean"], block["var"], count)
     if self.use_s2d and can_use_s2d(x.shape, k):
       y = conv2d(space_to_depth(x, 2), s2d_kernel(kernel, 2), 1)
