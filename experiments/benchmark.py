@@ -298,15 +298,11 @@ def build_array_record(rows: int, workdir: str, seed: int = 0):
   import numpy as np  # pylint: disable=g-import-not-at-top
   from i2m2_jax.datasets import avmnist, builder_utils  # pylint: disable=g-import-not-at-top
   manual = os.path.join(workdir, "manual")
-  os.makedirs(os.path.join(manual, "image"), exist_ok=True)
-  os.makedirs(os.path.join(manual, "audio"), exist_ok=True)
   rng = np.random.default_rng(seed)
   for split, n in (("train", rows), ("test", max(rows // 10, 2))):
-    np.save(os.path.join(manual, "image", f"{split}_data.npy"),
-            rng.integers(1, 256, (n, 784), dtype=np.uint8))
-    np.save(os.path.join(manual, "audio", f"{split}_data.npy"),
-            rng.integers(1, 256, (n, 112, 112), dtype=np.uint8))
-    np.save(os.path.join(manual, f"{split}_labels.npy"), rng.integers(0, 10, n))
+    avmnist.write_split(manual, split, rng.integers(1, 256, (n, 784), dtype=np.uint8),
+                        rng.integers(1, 256, (n, 112, 112), dtype=np.uint8),
+                        rng.integers(0, 10, n))
   num_val = max(rows // 10, 1)
   dtypes = {m: "uint8" for m in avmnist.MODALITY_SHAPES}
   builder = builder_utils.prepare(avmnist.I2m2Avmnist, avmnist.builder_config(num_val, dtypes),

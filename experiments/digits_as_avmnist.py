@@ -14,10 +14,14 @@ the image is the digit enlarged 3x at a random offset in 28x28 plus noise, the '
 digit enlarged 14x to 112x112 under heavier noise, so each modality alone carries the label.
 """
 import os
+import sys
 
 from absl import app
 from absl import flags
 import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from i2m2_jax.datasets import avmnist  # noqa: E402  pylint: disable=g-import-not-at-top
 
 _OUT = flags.DEFINE_string("out", None, "Folder to write the files into.")
 _TRAIN = flags.DEFINE_integer("train", 6000, "Rows of the train files, validation included.")
@@ -48,16 +52,11 @@ def write(out: str, train: int, val: int, test: int, seed: int = 0) -> None:
   images, labels = digits.images, digits.target
   fifth = len(images) // 5  # digits: 3/5 for training rows, 1/5 validation, 1/5 test
   rng = np.random.default_rng(seed)
-  os.makedirs(os.path.join(out, "image"), exist_ok=True)
-  os.makedirs(os.path.join(out, "audio"), exist_ok=True)
   parts = {"train": [(train - val, slice(None, -2 * fifth)), (val, slice(-2 * fifth, -fifth))],
            "test": [(test, slice(-fifth, None))]}
   for split, pieces in parts.items():
     made = [make_split(images[rows], labels[rows], n, rng) for n, rows in pieces]
-    image, audio, label = (np.concatenate(columns) for columns in zip(*made))
-    np.save(os.path.join(out, "image", f"{split}_data.npy"), image)
-    np.save(os.path.join(out, "audio", f"{split}_data.npy"), audio)
-    np.save(os.path.join(out, f"{split}_labels.npy"), label)
+    avmnist.write_split(out, split, *(np.concatenate(columns) for columns in zip(*made)))
 
 
 def main(argv):

@@ -26,8 +26,6 @@ def write_avmnist(root, n_train=120, n_test=30, integral=True, seed=0):
   """MultiBench's layout: image/{split}_data.npy [N, 784], audio/{split}_data.npy [N, 112, 112],
   {split}_labels.npy [N]; values 0..255 with a bright class-dependent band (learnable)."""
   rng = np.random.default_rng(seed)
-  os.makedirs(os.path.join(root, "image"), exist_ok=True)
-  os.makedirs(os.path.join(root, "audio"), exist_ok=True)
   files = {}
   for split, n in (("train", n_train), ("test", n_test)):
     labels = rng.integers(0, 10, n)
@@ -39,9 +37,7 @@ def write_avmnist(root, n_train=120, n_test=30, integral=True, seed=0):
     if integral:  # MultiBench's image files are float (its loader divides them in place)
       image, audio = np.round(image), np.round(audio).astype(np.float32)
     files[split] = {"image": image.reshape(n, 784), "audio": audio, "label": labels}
-    np.save(os.path.join(root, "image", f"{split}_data.npy"), files[split]["image"])
-    np.save(os.path.join(root, "audio", f"{split}_data.npy"), audio)
-    np.save(os.path.join(root, f"{split}_labels.npy"), labels)
+    avmnist.write_split(root, split, files[split]["image"], audio, labels)
   return files
 
 

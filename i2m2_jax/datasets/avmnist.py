@@ -65,6 +65,16 @@ def _split_files(split: str) -> dict[str, tuple[str, tuple[tuple[int, ...], ...]
   }
 
 
+def write_split(root: str, split: str, image: np.ndarray, audio: np.ndarray,
+                label: np.ndarray) -> None:
+  """Writes one split ('train' or 'test') in MultiBench's layout under root, the files this
+  builder reads: for data made here (tests, the benchmark, experiments/digits_as_avmnist.py)."""
+  for key, array in (("image", image), ("audio", audio), ("label", label)):
+    path = os.path.join(root, _split_files(split)[key][0])
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    np.save(path, array)
+
+
 # ---------------------------------------------------------------------------------------------
 # Reading and checking the files
 
