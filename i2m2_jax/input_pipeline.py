@@ -169,8 +169,7 @@ class StepIndices:
     # Validates the arguments as the reference does, and gives the seed grain derives.
     shuffled = train_index_dataset(num_examples, batch_size=batch_size, seed=seed,
                                    process_index=process_index, process_count=process_count)
-    while not isinstance(shuffled, grain.MapDataset) or type(shuffled).__name__ != \
-        "ShuffleMapDataset":
+    while type(shuffled).__name__ != "ShuffleMapDataset":
       shuffled = shuffled._parent  # pylint: disable=protected-access
     self._seed = int(shuffled._seed)  # pylint: disable=protected-access
     self._n = num_examples

@@ -235,14 +235,18 @@ def pmap_train_step(state: TrainState, batch: Batch, *, preprocess,
   return new_state, sums
 
 
-def eval_step(state: TrainState, batch: Batch, *, preprocess, present=None) -> dict:
-  """Masked metric sums of one padded batch, plus the per-example probability of class 1 (for
-  AUROC/AUPRC of binary tasks). `present` drops experts from the product."""
-  outputs = state.apply_fn(_variables(state.params, state.batch_stats),
-                           preprocess(batch["inputs"]), train=False, present=present)
+def _eval_outputs(state: TrainState, inputs, batch: Batch, present) -> dict:
+  outputs = state.apply_fn(_variables(state.params, state.batch_stats), inputs, train=False,
+                           present=present)
   positive = jnp.exp(outputs["log_probs"][:, min(1, outputs["log_probs"].shape[-1] - 1)])
   return {"sums": task.eval_sums(outputs, batch), "positive_prob": positive,
           "label": batch["label"], "mask": batch["mask"]}
+
+
+def eval_step(state: TrainState, batch: Batch, *, preprocess, present=None) -> dict:
+  """Masked metric sums of one padded batch, plus the per-example probability of class 1 (for
+  AUROC/AUPRC of binary tasks). `present` drops experts from the product."""
+  return _eval_outputs(state, preprocess(batch["inputs"]), batch, present)
 
 
 def eval_step_without(state: TrainState, batch: Batch, present: jax.Array,
@@ -253,11 +257,7 @@ def eval_step_without(state: TrainState, batch: Batch, present: jax.Array,
   arguments: one compilation serves every missing modality."""
   inputs = preprocess(batch["inputs"])
   inputs = {m: jnp.where(keep[m], x, jnp.zeros_like(x)) for m, x in inputs.items()}
-  outputs = state.apply_fn(_variables(state.params, state.batch_stats), inputs, train=False,
-                           present=present)
-  positive = jnp.exp(outputs["log_probs"][:, min(1, outputs["log_probs"].shape[-1] - 1)])
-  return {"sums": task.eval_sums(outputs, batch), "positive_prob": positive,
-          "label": batch["label"], "mask": batch["mask"]}
+  return _eval_outputs(state, inputs, batch, present)
 
 
 # ---------------------------------------------------------------------------------------------
