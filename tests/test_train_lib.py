@@ -7,6 +7,7 @@ import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from configs import default
@@ -206,6 +207,42 @@ def test_config_errors_fail_before_training(dataset, tmp_path):
   with pytest.raises(ValueError, match=r"config.model.kind='joint'"):
     train_lib.train_and_evaluate(tiny_config("joint"), str(tmp_path / "c"), dataset=dataset)
   assert not os.path.exists(str(tmp_path / "a" / "checkpoints"))
+
+
+def _random_tree(seed, scale=1.0):
+  rng = np.random.default_rng(seed)
+  return {"w": jnp.asarray(rng.normal(size=(3, 5)) * scale, jnp.float32),
+          "x": {"b": jnp.asarray(rng.normal(size=(7,)) * scale, jnp.float32),
+                "k": jnp.asarray(rng.normal(size=(2, 2, 3)) * scale, jnp.float32)},
+          "step": jnp.asarray(3, jnp.int32)}  # integer leaves are not part of the norm
+
+
+@pytest.mark.parametrize("scale", [0.1, 10.0])  # the clip off, then on
+def test_clip_by_global_norm_matches_float64_reference_and_optax(scale):
+  tree = _random_tree(0, scale)
+  floats = [np.asarray(x, np.float64) for x in jax.tree.leaves(tree) if x.dtype == jnp.float32]
+  norm = np.sqrt(sum(np.sum(x * x) for x in floats))
+  np.testing.assert_allclose(float(train_lib.squared_norm(tree)), norm ** 2, rtol=1e-6)
+  grads = {k: v for k, v in tree.items() if k != "step"}
+  ours, _ = train_lib.clip_by_global_norm(4.0).update(grads, optax.EmptyState())
+  theirs, _ = optax.clip_by_global_norm(4.0).update(grads, optax.EmptyState())
+  factor = min(1.0, 4.0 / norm)
+  for got, ref, want in zip(jax.tree.leaves(ours), jax.tree.leaves(theirs), jax.tree.leaves(grads)):
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want, np.float64) * factor, rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(ref), rtol=1e-6)
+
+
+def test_non_finite_flags_are_exact():
+  tree = _random_tree(1)
+  huge = {"a": jnp.asarray([1e30, -2.0], jnp.float32)}  # finite, but its squared norm overflows
+  assert float(train_lib._any_nonfinite(tree)) == 0.0
+  assert float(train_lib._any_nonfinite(huge)) == 0.0
+  assert float(train_lib._nonfinite_norm(huge)) == 1.0  # clipping cannot use that norm
+  for bad in (np.nan, np.inf, -np.inf):
+    hit = jax.tree.map(lambda x: x, tree)
+    hit["x"]["k"] = hit["x"]["k"].at[1, 0, 2].set(bad)
+    assert float(train_lib._any_nonfinite(hit)) == 1.0
+    assert float(train_lib._nonfinite_norm(hit)) == 1.0
 
 
 def test_non_finite_loss_stops_with_the_step_and_expert(dataset, tmp_path):
