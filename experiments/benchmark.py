@@ -7,8 +7,8 @@ Random uint8 data of the real shapes (image 28x28x1, audio 112x112x1; never zero
 set is needed. For each path -- 'plain' (models.build_model's modules, the straightforward Flax
 version) and 'fast' (config.model.implementation='fast', i2m2_jax/fast_models.py) -- and each
 batch size, the trainer's own jitted steps (train_lib.jit_train_step / jit_eval_step, state
-donated, uint8 inputs scaled on device) are timed with a host sync after every step as in the
-training loop; the paths are interleaved (repeat r of plain, then of fast, ...) so that a shared
+donated, uint8 inputs scaled on device) are timed with a host sync after every step (the step
+alone); the paths are interleaved (repeat r of plain, then of fast, ...) so that a shared
 machine's load falls on both alike, and medians are reported. Printed, as one Markdown table:
 
 * train and eval examples/s and step time per path and batch, and fast/plain;
@@ -29,9 +29,10 @@ machine's load falls on both alike, and medians are reported. Printed, as one Ma
   MultiBench-format files through the TFDS builder of i2m2_jax/datasets/avmnist.py) read by
   input_pipeline.train_batches (grain, one prefetch thread) from the split read into memory once
   (input_pipeline.in_memory, the trainer's default) and, 'streamed', from the ArrayRecord files
-  at every batch; the examples/s fed by each over those of the step alone (the wait misses time
-  the pipeline's thread holds the GIL while the step is dispatched); and the examples/s of each
-  pipeline alone.
+  at every batch, in the trainer's loop (one step in flight: step n+1 is dispatched before the
+  host reads step n's metrics); the examples/s fed by each over those of the step alone (the
+  wait misses time the pipeline's thread holds the GIL while the step is dispatched); and the
+  examples/s of each pipeline alone.
 
 --dtypes float32,bfloat16 also times bfloat16 compute (config.model.compute_dtype; mixed
 precision, plain path only: the fast path is a float32 CPU implementation); each dtype's rows
@@ -323,23 +324,30 @@ def pipeline_rate(source, batch: int, batches: int = 8) -> float:
 
 
 def input_wait(path: Path, source, batch: int, steps: int, warmup: int = 3) -> dict[str, float]:
-  """Fraction of the step's wall time spent in next(iterator) of the real pipeline."""
+  """Fraction of the fed loop's wall time spent in next(iterator) of the real pipeline, and its
+  examples/s. The loop is the trainer's (train_lib.train_and_evaluate): one step in flight, i.e.
+  step n+1 is dispatched before the host waits for step n's metric sums."""
   from i2m2_jax import input_pipeline, train_lib  # pylint: disable=g-import-not-at-top
   batches = input_pipeline.train_batches(source, batch_size=batch, seed=0,
                                          modalities=list(MODALITY_SHAPES))
-  waits, totals = [], []
+  waits, in_flight, start = [], None, 0.0
   for i in range(warmup + steps):
+    if i == warmup:
+      train_lib.to_host(in_flight)  # the warm-up steps are done
+      in_flight, start = None, time.perf_counter()
     t0 = time.perf_counter()
     local = next(batches)
-    t1 = time.perf_counter()
-    path.state, sums = path.train_fn(path.state, train_lib.global_batch(local, path.mesh))
-    train_lib.to_host(sums)
     if i >= warmup:
-      waits.append(t1 - t0)
-      totals.append(time.perf_counter() - t0)
-  return {"input_wait_fraction": sum(waits) / sum(totals),
+      waits.append(time.perf_counter() - t0)
+    path.state, sums = path.train_fn(path.state, train_lib.global_batch(local, path.mesh))
+    if in_flight is not None:
+      train_lib.to_host(in_flight)
+    in_flight = sums
+  train_lib.to_host(in_flight)
+  total = time.perf_counter() - start
+  return {"input_wait_fraction": sum(waits) / total,
           "input_wait_ms": 1e3 * sum(waits) / len(waits),
-          "input_examples_per_s": batch * len(totals) / sum(totals)}
+          "input_examples_per_s": batch * steps / total}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -950,33 +950,53 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   train_sums, train_time, train_examples = None, 0.0, 0
   step = start_step
   stopped_early, preempted = False, False
+  # One step in flight: step n+1 is dispatched (and its batch copied to the device) before the
+  # host waits for step n's metric sums, so the device never idles on the host's per-step work.
+  # Step n's sums are checked (fail fast on non-finite values) before anything of step n is
+  # evaluated or saved: `finish` runs on them first.
+  pending = None  # (step, metric sums still on the device) of the last dispatched step
+  last_finished = None  # time.perf_counter() when the previous step's sums arrived
+
+  def finish(done_step, device_sums):
+    nonlocal train_sums, train_time, train_examples, last_finished
+    sums = to_host(device_sums)
+    if config.parallel == "pmap":
+      sums = jax.tree.map(lambda x: x[0], sums)
+    now = time.perf_counter()
+    if last_finished is not None:  # not the first step (compilation) nor one after evaluation
+      train_time += now - last_finished
+      train_examples += config.batch_size
+    last_finished = now
+    _check_finite(done_step, sums, last_saved)  # before anything of this step is saved
+    train_sums = metrics.add_sums(train_sums, {k: v for k, v in sums.items()
+                                               if not k.startswith("nonfinite")})
+    if done_step % log_every == 0 or done_step == total_steps:
+      scalars = {f"train/{k}": v for k, v in task.summarize_train(train_sums).items()}
+      scalars["train/learning_rate"] = float(schedule(done_step))
+      if train_time:
+        scalars["train/examples_per_s"] = train_examples / train_time
+      writer.write_scalars(done_step, scalars)
+      progress.update(done_step, {"loss": scalars["train/loss"]})
+      train_sums = None
+    else:
+      progress.update(done_step, None)
+
+  def finish_pending():
+    nonlocal pending
+    if pending is not None:
+      finish(*pending)
+      pending = None
+
   try:
     for step in range(start_step + 1, total_steps + 1):
-      t0 = time.perf_counter()
       local = next(batches)
       batch = split_for_pmap(local) if config.parallel == "pmap" else global_batch(local, mesh)
       state, sums = train_fn(state, batch)
-      sums = to_host(sums)
-      if config.parallel == "pmap":
-        sums = jax.tree.map(lambda x: x[0], sums)
-      if step > start_step + 1:  # the first step includes compilation
-        train_time += time.perf_counter() - t0
-        train_examples += config.batch_size
-      _check_finite(step, sums, last_saved)  # before anything of this step is saved
-      train_sums = metrics.add_sums(train_sums, {k: v for k, v in sums.items()
-                                                 if not k.startswith("nonfinite")})
-      if step % log_every == 0 or step == total_steps:
-        scalars = {f"train/{k}": v for k, v in task.summarize_train(train_sums).items()}
-        scalars["train/learning_rate"] = float(schedule(step))
-        if train_time:
-          scalars["train/examples_per_s"] = train_examples / train_time
-        writer.write_scalars(step, scalars)
-        progress.update(step, {"loss": scalars["train/loss"]})
-        train_sums = None
-      else:
-        progress.update(step, None)
+      finish_pending()  # the previous step, while this one runs
+      pending = (step, sums)
 
       if step % eval_every == 0 or step == total_steps:
+        finish_pending()
         val = evaluate(eval_fn, unreplicated(state), dataset.sources["val"], dataset,
                        config.eval_batch_size, mesh)
         writer.write_scalars(step, _flat_metrics("val", val))
@@ -986,6 +1006,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         else:
           history["evals_without_gain"] += 1
         save(step, state, {config.selection_metric: float(value)})
+        last_finished = None  # the next interval would include the evaluation
         patience = config.get("early_stopping_patience", -1)
         if patience > 0 and history["evals_without_gain"] >= patience:
           logging.info("Stopping early at step %d: no gain in %s for %d evaluations.", step,
@@ -993,8 +1014,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
           stopped_early = True
           break
       elif step % ckpt_every == 0:
+        finish_pending()
         save(step, state)
+        last_finished = None
       if step < total_steps and stop.should_stop(step):
+        finish_pending()
         if last_saved != step:
           save(step, state)
         preempted = True

@@ -170,6 +170,40 @@ def test_train_and_evaluate_writes_results_and_resumes(dataset, tmp_path):
   assert train_steps == [3, 6, 9, 12, 15, 18]
 
 
+def test_next_step_is_dispatched_before_the_host_waits_for_the_last(dataset, tmp_path,
+                                                                    monkeypatch):
+  """One step in flight: step n+1 goes to the device before step n's metric sums are read, except
+  where step n is evaluated or saved (its sums are checked first)."""
+  events, sums_step = [], {}
+  make_step, read = train_lib.jit_train_step, train_lib.to_host
+
+  def recording_jit_train_step(*args, **kwargs):
+    step_fn = make_step(*args, **kwargs)
+
+    def dispatch(state, batch):
+      new_state, sums = step_fn(state, batch)
+      events.append(("dispatch", len(sums_step) + 1))
+      sums_step[id(sums)] = len(sums_step) + 1
+      return new_state, sums
+    return dispatch
+
+  def recording_to_host(tree):
+    if id(tree) in sums_step:
+      events.append(("read", sums_step[id(tree)]))
+    return read(tree)
+
+  monkeypatch.setattr(train_lib, "jit_train_step", recording_jit_train_step)
+  monkeypatch.setattr(train_lib, "to_host", recording_to_host)
+  train_lib.train_and_evaluate(tiny_config(num_train_steps=8, eval_every_steps=4),
+                               str(tmp_path / "run"), dataset=dataset)
+  order = {event: i for i, event in enumerate(events)}
+  assert sorted(order) == sorted([(e, n) for n in range(1, 9) for e in ("dispatch", "read")])
+  for n in (1, 2, 3, 5, 6, 7):  # overlapped with the next step
+    assert order[("dispatch", n + 1)] < order[("read", n)]
+  for n in (4, 8):  # evaluated and saved: read before the next step is dispatched
+    assert order[("read", n)] < order.get(("dispatch", n + 1), len(events))
+
+
 def test_resumed_run_matches_uninterrupted_run(dataset, tmp_path):
   full = train_lib.train_and_evaluate(tiny_config(), str(tmp_path / "full"), dataset=dataset)
   part = str(tmp_path / "part")
