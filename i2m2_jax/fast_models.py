@@ -124,7 +124,7 @@ def _conv3x3_bwd(residuals, g):
   # is a gather so that XLA does not fold it into a reversed window.
   flipped = jnp.take(jnp.take(kernel, _FLIP3, axis=0), _FLIP3, axis=1).transpose(0, 1, 3, 2)
   d_x = _conv_padded(g, flipped, 1)
-  return d_x, conv3x3_kernel_grad(x, g, kernel.shape)
+  return d_x, conv3x3_kernel_grad(x, g)
 
 
 # XLA computes a kernel gradient as a convolution whose features are the batch (after
@@ -140,7 +140,15 @@ _KERNEL_GRAD_MAX_CHUNKS = 16
 _KERNEL_GRAD_MIN_SIZE = 28 * 28
 
 
-def conv3x3_kernel_grad(x, g, kernel_shape):
+def _kernel_grad(x, g):
+  """Gradient of conv2d(x, kernel, 1) (3x3) wrt kernel for output cotangent g: the convolution
+  of the padded input with g, examples as the contracted features. The HLO jax.vjp derives,
+  written directly: tracing a vjp per chunk took ~0.1 s of the first step's 0.9 s of tracing."""
+  return lax.conv_general_dilated(x, g, (1, 1), [(1, 1), (1, 1)],
+                                  dimension_numbers=("CHWN", "IHWO", "HWNC"))
+
+
+def conv3x3_kernel_grad(x, g):
   """Gradient of conv2d(x, kernel, 1) wrt kernel for output cotangent g, summed over chunks."""
   b = x.shape[0]
   target = max(_KERNEL_GRAD_CHUNK, -(-b // _KERNEL_GRAD_MAX_CHUNKS))
@@ -148,9 +156,7 @@ def conv3x3_kernel_grad(x, g, kernel_shape):
   size = _chunk_size(b, target) if chunked else b
   total = None
   for lo in range(0, b, size):
-    _, kernel_vjp = jax.vjp(lambda k, xc=x[lo:lo + size]: conv2d(xc, k, 1),
-                            jnp.zeros(kernel_shape, x.dtype))
-    part = kernel_vjp(g[lo:lo + size])[0]
+    part = _kernel_grad(x[lo:lo + size], g[lo:lo + size])
     total = part if total is None else total + part
   return total
 
