@@ -5,9 +5,11 @@ r"""Speed of the AV-MNIST I2M2 step, fast implementation against the plain one, 
 
 Random uint8 data of the real shapes (image 28x28x1, audio 112x112x1; never zeros), so no data
 set is needed. For each path -- 'plain' (models.build_model's modules, the straightforward Flax
-version) and 'fast' (config.model.implementation='fast', i2m2_jax/fast_models.py) -- and each
-batch size, the trainer's own jitted steps (train_lib.jit_train_step / jit_eval_step, state
-donated, uint8 inputs scaled on device) are timed with a host sync after every step (the step
+version, compiled with XLA's default options), 'plain_tuned' (the same modules with the
+trainer's compile options, train_lib.compiler_options: what a plain-implementation model gets
+from the trainer) and 'fast' (config.model.implementation='fast', i2m2_jax/fast_models.py, with
+the trainer's options) -- and each batch size, the trainer's own jitted steps
+(train_lib.jit_train_step / jit_eval_step, state donated, uint8 inputs scaled on device) are timed with a host sync after every step (the step
 alone); the paths are interleaved (repeat r of plain, then of fast, ...) so that a shared
 machine's load falls on both alike, and medians are reported. Printed, as one Markdown table:
 
@@ -72,7 +74,8 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "AV-MNIST config (conf
 _BATCHES = flags.DEFINE_list("batches", ["40", "256"], "Batch sizes.")
 _STEPS = flags.DEFINE_integer("steps", 10, "Timed steps per path, batch and repeat.")
 _REPEATS = flags.DEFINE_integer("repeats", 3, "Interleaved repeats (plain, fast, plain, ...).")
-_PATHS = flags.DEFINE_list("paths", ["plain", "fast"], "Implementations to compare.")
+_PATHS = flags.DEFINE_list("paths", ["plain", "plain_tuned", "fast"],
+                           "Implementations to compare: plain, plain_tuned, fast (docstring).")
 _DTYPES = flags.DEFINE_list("dtypes", ["float32"], "Compute dtypes (config.model.compute_dtype) "
                             "to time; 'fast' is float32 only, so it is skipped in others.")
 _JSON = flags.DEFINE_string("json", None, "Also write the rows as a JSON list here.")
@@ -243,7 +246,7 @@ class Path:
     from i2m2_jax import models, train_lib  # pylint: disable=g-import-not-at-top
     self.name, self.mesh, self.counter = name, mesh, counter
     model_config = config.model.copy_and_resolve_references()
-    model_config.implementation = name
+    model_config.implementation = "fast" if name == "fast" else "plain"
     model_config.kind = kind
     model_config.modality = modality
     model_config.compute_dtype = dtype
@@ -256,8 +259,9 @@ class Path:
     self.state = train_lib.create_train_state(self.model, tx, example, jax.random.key(0), mesh,
                                               compute_dtype)
     jax.block_until_ready(self.state)
-    self.train_fn = train_lib.jit_train_step(self.preprocess, mesh)
-    self.eval_fn = train_lib.jit_eval_step(self.preprocess, mesh)
+    baseline = name == "plain"  # the straightforward version: XLA's default compile options
+    self.train_fn = train_lib.jit_train_step(self.preprocess, mesh, xla_defaults=baseline)
+    self.eval_fn = train_lib.jit_eval_step(self.preprocess, mesh, xla_defaults=baseline)
     self.first_step: dict[int, dict[str, float]] = {}
 
   def train(self, batch) -> float:

@@ -36,9 +36,10 @@ else
 fi
 
 # 1. Throughput: plain and fast in float32, plain in bfloat16 (fast is float32 only); input
-#    wait of the plain path fed by grain from an array_record build.
+#    wait of the fast path fed by grain from an array_record build, in the trainer's loop (one
+#    step in flight). No plain_tuned: compile options are CPU-only, so it would repeat plain.
 timeout 280 "$PY" experiments/benchmark.py --config configs/avmnist.py $BENCH \
-    --dtypes float32,bfloat16 --experts=false --input_path plain \
+    --paths plain,fast --dtypes float32,bfloat16 --experts=false --input_path fast \
     --json "$OUT/bench_gpu.json" 2>&1 | grep -v -i "warning" | tee "$OUT/bench_gpu.txt"
 
 # 2. Accuracy: the AV-MNIST I2M2 (LeNet experts) on digits made into AV-MNIST files, trained

@@ -43,7 +43,9 @@ Performance section has the numbers):
 4. Evaluation: pooling before the BatchNorm affine map (exact, as above), so the affine map and
    ReLU touch a quarter of the elements; the first block is the same matrix product. The 3x3
    convolutions with 3 input channels are computed on the 2x2 space-to-depth of their input
-   (`conv3x3_s2d`), which XLA hands to its fast library, and return the pooling windows directly.
+   (`conv3x3_s2d`) and return the pooling windows directly; the others are plain convolutions,
+   without channel padding: evaluation is compiled with XLA's own convolutions instead of its
+   library (train_lib.compiler_options), which was faster there.
 
 Options of FastLeNetClassifier switch each of 1-2 off (for measurements and tests); shapes the
 custom first block does not handle (odd sizes) fall back to an XLA convolution.
@@ -84,6 +86,8 @@ def conv2d(x: jax.Array, kernel: jax.Array, padding: int) -> jax.Array:
 # plain convolution with an explicitly flipped kernel) takes the fast path: about 2x faster for
 # the 6->12 and 12->6 convolutions of AV-MNIST on 2 CPU cores, same results to float32 rounding.
 # Only on CPU; with 3 input channels the padded form was slower, so those are left alone.
+# Only in training: evaluation is compiled with convolutions left to XLA's own implementation
+# (train_lib.compiler_options), which was faster there without padding.
 _LIBRARY_MIN_CHANNELS = 17
 _PAD_MIN_INPUT_CHANNELS = 6
 
@@ -223,9 +227,11 @@ def conv3x3_s2d(x: jax.Array, kernel: jax.Array) -> jax.Array:
   """conv2d(x, kernel, 1) for a 3x3 kernel, computed on the 2x2 space-to-depth of x and returned
   in the 's2d' pooling layout [B, H/2, W/2, 4, Co] (the four pixels of each 2x2 window on axis 3,
   as bn_relu_pool reads them). Four times the multiply-adds, but with 4*Ci input and 4*Co output
-  channels XLA's fast CPU library computes it: for the 3 -> 6 convolutions of AV-MNIST, 2x faster
-  in inference at 56x56 and batch 256 (13 vs 27 ms on 2 cores) and 1.5x at 14x14. Their kernel
-  and input gradients in this form were slower at batch 40, so training keeps conv3x3."""
+  channels: for the 3 -> 6 convolutions of AV-MNIST, 2x faster in inference at 56x56 and batch
+  256 (13 vs 27 ms on 2 cores) and 1.5x at 14x14 with XLA's library convolutions; with XLA's own
+  (as evaluation now compiles) the eval step was 175 vs 182 ms at batch 256 and 22.9 vs 25.4 ms
+  at 40 with it than without. Their kernel and input gradients in this form were slower at batch
+  40, and so was the whole train step with it (85.6 vs 84.3 ms), so training keeps conv3x3."""
   y = conv2d(space_to_depth(x, 2), s2d_kernel(kernel, 2), 1)
   b, h, w, _ = y.shape
   return y.reshape(b, h, w, 4, kernel.shape[-1])
@@ -719,7 +725,8 @@ class FastLeNetClassifier(nn.Module):
         if not train and self.use_s2d and use_s2d_conv3x3(h.shape, block["kernel"].shape):
           h, s = self._bn_pool(conv3x3_s2d(h, block["kernel"]), block, train, "s2d")
         else:
-          h, s = self._bn_pool(conv3x3(h, block["kernel"]), block, train, "nhwc")
+          y = conv3x3(h, block["kernel"]) if train else conv2d(h, block["kernel"], 1)
+          h, s = self._bn_pool(y, block, train, "nhwc")
         st.append(s)
       outs.append(h)
       all_stats.append(st)

@@ -319,19 +319,48 @@ def global_batch(local_batch: Batch, mesh: Mesh) -> Batch:
   return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, x), local_batch)
 
 
-def compiler_options() -> dict[str, Any] | None:
-  """XLA options of the jitted steps. On CPU, LLVM's optimisation level 1 instead of 2: most of
-  a step's compile time is LLVM's passes, and level 1 compiled the AV-MNIST I2M2 train step
-  0.4-0.7 s (batch 40) and 1.5-1.9 s (batch 256) faster on 2 cores with step times equal within
-  noise (level 0 halved compile time but ran 2.5x slower). Other backends keep their defaults."""
-  return {"xla_backend_optimization_level": 1} if jax.default_backend() == "cpu" else None
+# Evaluation on CPU leaves convolutions to XLA's default (Eigen) implementation instead of its
+# library fusions (YNNPACK), which keep matrix products only. Eval steps of the AV-MNIST I2M2 on
+# 2 cores, interleaved in one process: plain 520 -> 434 ms at batch 256 and 81 -> 65 ms at 40;
+# fast 190 -> 175 and 23.6 -> 22.9 ms (without its channel padding, which only served to reach
+# the library). Training keeps the library: there it won at batch 40 (fast 89.5 vs 95.1 ms,
+# plain 283 vs 293 ms) and lost at 256 (fast 757 vs 704, plain 1970 vs 1833 ms).
+_CPU_EVAL_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"}
 
 
-def jit_train_step(preprocess, mesh: Mesh, step_fn=train_step):
+@functools.cache
+def _accepted(options: tuple[tuple[str, Any], ...]) -> bool:
+  """Whether this XLA takes these compile options (experimental ones may come and go)."""
+  try:
+    jax.jit(lambda: 0, compiler_options=dict(options)).lower().compile()
+    return True
+  except Exception:  # pylint: disable=broad-except
+    logging.warning("XLA does not accept the compile options %s; using its defaults.", options)
+    return False
+
+
+def compiler_options(train: bool = True) -> dict[str, Any] | None:
+  """XLA options of the jitted steps; other backends than CPU keep their defaults.
+
+  On CPU, LLVM's optimisation level 1 instead of 2: most of a step's compile time is LLVM's
+  passes, and level 1 compiled the AV-MNIST I2M2 train step 0.4-0.7 s (batch 40) and 1.5-1.9 s
+  (batch 256) faster on 2 cores with step times equal within noise (level 0 halved compile time
+  but ran 2.5x slower). Evaluation also leaves convolutions to XLA's own (_CPU_EVAL_OPTIONS)."""
+  if jax.default_backend() != "cpu":
+    return None
+  options = {"xla_backend_optimization_level": 1}
+  if not train and _accepted(tuple(_CPU_EVAL_OPTIONS.items())):
+    options.update(_CPU_EVAL_OPTIONS)
+  return options
+
+
+def jit_train_step(preprocess, mesh: Mesh, step_fn=train_step, xla_defaults: bool = False):
+  """The jitted train step (state donated). `xla_defaults`: without compiler_options (the
+  benchmark's straightforward baseline)."""
   repl, data = replicated(mesh), data_sharded(mesh)
   return jax.jit(functools.partial(step_fn, preprocess=preprocess),
                  in_shardings=(repl, data), out_shardings=(repl, repl), donate_argnums=0,
-                 compiler_options=compiler_options())
+                 compiler_options=None if xla_defaults else compiler_options())
 
 
 def pmapped_train_step(preprocess, step_fn=pmap_train_step):
@@ -339,12 +368,14 @@ def pmapped_train_step(preprocess, step_fn=pmap_train_step):
                   donate_argnums=0)
 
 
-def jit_eval_step(preprocess, mesh: Mesh, present=None, step_fn=eval_step):
+def jit_eval_step(preprocess, mesh: Mesh, present=None, step_fn=eval_step,
+                  xla_defaults: bool = False):
+  """The jitted eval step; `xla_defaults` as jit_train_step."""
   repl, data = replicated(mesh), data_sharded(mesh)
   return jax.jit(functools.partial(step_fn, preprocess=preprocess, present=present),
                  in_shardings=(repl, data),
                  out_shardings={"sums": repl, "positive_prob": data, "label": data, "mask": data},
-                 compiler_options=compiler_options())
+                 compiler_options=None if xla_defaults else compiler_options(train=False))
 
 
 def jit_eval_without_step(preprocess, mesh: Mesh, step_fn=eval_step_without):
@@ -352,7 +383,7 @@ def jit_eval_without_step(preprocess, mesh: Mesh, step_fn=eval_step_without):
   return jax.jit(functools.partial(step_fn, preprocess=preprocess),
                  in_shardings=(repl, data, repl, repl),
                  out_shardings={"sums": repl, "positive_prob": data, "label": data, "mask": data},
-                 compiler_options=compiler_options())
+                 compiler_options=compiler_options(train=False))
 
 
 def split_for_pmap(local_batch: Batch) -> Batch:

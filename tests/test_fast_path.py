@@ -313,16 +313,17 @@ def test_benchmark_smoke_run_writes_json_rows(tmp_path):
       cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
   assert result.returncode == 0, result.stderr[-3000:]
   rows = json.loads(out.read_text())
-  # The fast path computes in float32 only; plain runs in both dtypes.
+  # The fast path computes in float32 only; plain (XLA's default options) and plain_tuned (the
+  # trainer's) run in both dtypes.
   assert sorted((r["path"], r["dtype"], r["mode"], r["batch"]) for r in rows) == sorted(
-      [(p, "float32", m, 8) for p in ("plain", "fast") for m in ("train", "eval")]
-      + [("plain", "bfloat16", m, 8) for m in ("train", "eval")])
+      [(p, "float32", m, 8) for p in ("plain", "plain_tuned", "fast") for m in ("train", "eval")]
+      + [(p, "bfloat16", m, 8) for p in ("plain", "plain_tuned") for m in ("train", "eval")])
   for r in rows:
     assert {"path", "mode", "batch", "examples_per_s", "step_ms", "gflop_per_s",
             "peak_fraction", "recompilations"} <= set(r)
     assert r["examples_per_s"] > 0 and r["recompilations"] == 0
   train = {r["path"]: r for r in rows if r["mode"] == "train" and r["dtype"] == "float32"}
-  assert train["fast"]["speedup_vs_plain"] > 0
+  assert train["fast"]["speedup_vs_plain"] > 0 and train["plain_tuned"]["speedup_vs_plain"] > 0
   low = [r for r in rows if r["dtype"] == "bfloat16"]
   assert all(r["speedup_vs_float32"] > 0 and r["matmul_gflop_per_s"] > 0 for r in low)
   for key in ("input_wait_fraction", "input_wait_fraction_streamed"):

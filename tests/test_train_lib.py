@@ -243,6 +243,24 @@ def test_config_errors_fail_before_training(dataset, tmp_path):
   assert not os.path.exists(str(tmp_path / "a" / "checkpoints"))
 
 
+def test_eval_steps_compile_convolutions_with_xlas_own_implementation_on_cpu():
+  """Training keeps XLA's library (YNNPACK) convolutions, evaluation uses XLA's own: the choice
+  measured faster for each (train_lib._CPU_EVAL_OPTIONS)."""
+  if jax.default_backend() != "cpu":
+    pytest.skip("CPU compile options")
+  x, k = jnp.ones((2, 8, 8, 24)), jnp.ones((3, 3, 24, 32))  # > 16 channels: library-eligible
+  conv = lambda x, k: jax.lax.conv_general_dilated(x, k, (1, 1), "SAME",  # noqa: E731
+                                                   dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+  def compiled(train):
+    return jax.jit(conv, compiler_options=train_lib.compiler_options(train)).lower(
+        x, k).compile().as_text()
+
+  assert "__ynn_fusion" in compiled(True)
+  text = compiled(False)
+  assert "__ynn_fusion" not in text and " convolution(" in text
+
+
 def _random_tree(seed, scale=1.0):
   rng = np.random.default_rng(seed)
   return {"w": jnp.asarray(rng.normal(size=(3, 5)) * scale, jnp.float32),
