@@ -334,7 +334,7 @@ def _accepted(options: tuple[tuple[str, Any], ...]) -> bool:
   try:
     jax.jit(lambda: 0, compiler_options=dict(options)).lower().compile()
     return True
-  except Exception:  # pylint: disable=broad-except
+  except jax.errors.JaxRuntimeError:
     logging.warning("XLA does not accept the compile options %s; using its defaults.", options)
     return False
 

@@ -259,6 +259,8 @@ def test_eval_steps_compile_convolutions_with_xlas_own_implementation_on_cpu():
   assert "__ynn_fusion" in compiled(True)
   text = compiled(False)
   assert "__ynn_fusion" not in text and " convolution(" in text
+  # An option this XLA does not know is dropped, not fatal.
+  assert not train_lib._accepted((("xla_cpu_no_such_option", True),))
 
 
 def _random_tree(seed, scale=1.0):
