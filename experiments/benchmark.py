@@ -9,9 +9,10 @@ version, compiled with XLA's default options), 'plain_tuned' (the same modules w
 trainer's compile options, train_lib.compiler_options: what a plain-implementation model gets
 from the trainer) and 'fast' (config.model.implementation='fast', i2m2_jax/fast_models.py, with
 the trainer's options) -- and each batch size, the trainer's own jitted steps
-(train_lib.jit_train_step / jit_eval_step, state donated, uint8 inputs scaled on device) are timed with a host sync after every step (the step
-alone); the paths are interleaved (repeat r of plain, then of fast, ...) so that a shared
-machine's load falls on both alike, and medians are reported. Printed, as one Markdown table:
+(train_lib.jit_train_step / jit_eval_step, state donated, uint8 inputs scaled on device) are
+timed with a host sync after every step (the step alone); the paths are interleaved (repeat r of
+plain, then of plain_tuned, then of fast, ...) so that a shared machine's load falls on all
+alike, and medians are reported. Printed, as one Markdown table:
 
 * train and eval examples/s and step time per path and batch, and fast/plain;
 * achieved GFLOP/s and its fraction of this machine's matmul rate in the same dtype (a 2048^2
@@ -44,7 +45,7 @@ are compared with the matmul rate of that dtype.
 'eval'), batch and examples_per_s, plus the other measurements of that row. Runs unchanged on a
 GPU, where the matmul is 8192^2 (2048^2 on CPU) so that it comes near the card's peak.
 
-Process settings, the same for both paths: glibc malloc keeps freed memory (host_memory;
+Process settings, the same for every path: glibc malloc keeps freed memory (host_memory;
 --noretain_memory to measure without), the 'rbg' PRNG (it only makes the parameter
 initialisation compile faster; dropout is off), and no persistent compilation cache unless
 --compilation_cache (compile times are cold). XLA_FLAGS are taken from the environment.
