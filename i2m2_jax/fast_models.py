@@ -28,7 +28,7 @@ Performance section has the numbers):
    the plain step: 112x112 images with 1 input channel) is one custom operation,
    `stem_bn_relu_pool`: the convolution on the 2x2 space-to-depth of the input is a single matrix
    product per chunk of 4 examples, channels first, whose output rows are the four pixels of
-   each pooling window; the chunks go through `lax.map` (two independent loops, one per core) so
+   each pooling window; the chunks go through `lax.map` (in evaluation two independent loops) so
    that patches and outputs stay in cache; BatchNorm statistics are merged exactly over chunks;
    the backward pass recomputes each chunk and accumulates the kernel gradient as one matrix
    product, with no full-resolution gradient image in memory.
@@ -417,22 +417,25 @@ def _stem_chunk_stats(xc, ws, scale):
   return sel, _first_selected(list(yt), sel), mean, m2
 
 
-# The chunks are processed in independent loops (lax.map over a share each): XLA's CPU runtime
-# runs independent operations concurrently, so the otherwise serial first block can use both
-# cores (2-3 % faster at batch 40, neutral at 256).
-_STEM_LANES = 2
+# In evaluation the chunks are processed in two independent loops (lax.map over a share each),
+# which XLA's CPU runtime can run concurrently: 4.6 % faster at batch 40 than one loop (2 % slower
+# at 256). Training uses one loop: two were as fast (0.9 % faster at batch 40, 0.3 % slower at
+# 256, 2 CPU cores) but each loop body is compiled again (+0.18 s XLA compile at batch 40), and
+# a trace of the step showed the two loops mostly run one after the other: XLA's CPU executor
+# hands ready operations to a second thread only when more than 8 are ready at once.
+_EVAL_STEM_LANES = 2
 
 
-def _lanes(n: int) -> list[tuple[int, int]]:
-  k = max(1, min(_STEM_LANES, n))
+def _lanes(n: int, lanes: int) -> list[tuple[int, int]]:
+  k = max(1, min(lanes, n))
   bounds = [round(i * n / k) for i in range(k + 1)]
   return list(zip(bounds[:-1], bounds[1:]))
 
 
-def _in_lanes(f, xs):
-  """lax.map(f, xs) as independent maps over contiguous shares of xs (see _STEM_LANES)."""
-  parts = [lax.map(f, xs[lo:hi]) for lo, hi in _lanes(xs.shape[0])]
-  return jax.tree.map(lambda *a: jnp.concatenate(a), *parts)
+def _in_lanes(f, xs, lanes: int):
+  """lax.map(f, xs) as `lanes` independent maps over contiguous shares of xs."""
+  parts = [lax.map(f, xs[lo:hi]) for lo, hi in _lanes(xs.shape[0], lanes)]
+  return parts[0] if len(parts) == 1 else jax.tree.map(lambda *a: jnp.concatenate(a), *parts)
 
 
 def stem_chunk(batch: int, train: bool) -> int:
@@ -480,7 +483,7 @@ def _stem_fwd(x, kernel, scale, bias, chunk):
   cb = _chunk_size(b, chunk)
   ws = s2d_kernel(kernel, 2).reshape(36 * ci, 4 * co)
   xs = x.reshape(b // cb, cb, h, w, ci)
-  sel, first, means, m2s = _in_lanes(lambda xc: _stem_chunk_stats(xc, ws, scale), xs)
+  sel, first, means, m2s = lax.map(lambda xc: _stem_chunk_stats(xc, ws, scale), xs)
   per_chunk = 4 * cb * h2 * w2
   mean = means.mean(0)
   var = (m2s.sum(0) + per_chunk * jnp.square(means - mean).sum(0)) / (per_chunk * (b // cb))
@@ -524,10 +527,7 @@ def _stem_bwd(chunk, residuals, cotangents):
     return d_ws_t + jnp.dot(g_y, pt.T), d_x
 
   zero = jnp.zeros((4 * co, 36 * ci), jnp.float32)
-  parts = [lax.scan(body, zero, tuple(v[lo:hi] for v in (xs, first, g_pre)))
-           for lo, hi in _lanes(nc)]
-  d_ws_t = sum(part[0] for part in parts)
-  d_x = jnp.concatenate([part[1] for part in parts]) if x_perturbed else None
+  d_ws_t, d_x = lax.scan(body, zero, (xs, first, g_pre))
   _, s2d_vjp = jax.vjp(lambda k: s2d_kernel(k, 2), kernel)
   d_kernel = s2d_vjp(d_ws_t.T.reshape(3, 3, 4 * ci, 4 * co))[0]
   d_x = d_x.reshape(nc * cb, h, w, ci) if x_perturbed else None
@@ -548,7 +548,7 @@ def stem_bn_relu_pool_eval(x, kernel, scale, bias, mean, var, chunk: int = 4):
   def pooled(xc):
     return _stem_pool(jnp.dot(ws.T, stem_patches(xc)).reshape(4, co, -1), scale)
 
-  sel = _in_lanes(pooled, x.reshape(b // cb, cb, h, w, ci))  # [nc, co, Nc]
+  sel = _in_lanes(pooled, x.reshape(b // cb, cb, h, w, ci), _EVAL_STEM_LANES)  # [nc, co, Nc]
   rstd = lax.rsqrt(var + _BN_EPSILON)
   pre = (sel - mean[:, None]) * rstd[:, None] * scale[:, None] + bias[:, None]
   out = nn.relu(pre).reshape(b // cb, co, cb, h2, w2).transpose(0, 2, 3, 4, 1)
