@@ -5,6 +5,7 @@ train mode, BatchNorm statistic updates, gradients, the trainer's sharded train 
 conversion and init_from across implementations; and a smoke run of experiments/benchmark.py.
 The real AV-MNIST I2M2 is covered once at batch 2; other cases use smaller LeNets.
 """
+import functools
 import json
 import os
 import subprocess
@@ -163,13 +164,22 @@ def test_stem_block_matches_reference_and_input_gradient():
     y = fast_models.conv2d(x, k, 2)
     return fast_models.bn_relu_pool(y, scale, bias, "nhwc")
 
-  for chunk in (1, 4):
-    got = fast_models.stem_bn_relu_pool(x, k, scale, bias, chunk)
-    assert_close(reference(x, k, scale, bias), got, rtol=1e-5, atol=1e-5)
+  # (backward chunk, forward chunk): the forward pass in larger chunks regroups its saved
+  # pooling choices for the backward pass's chunks.
+  for chunk, forward_chunk in ((1, 0), (4, 0), (2, 6), (1, 3)):
+    stem = functools.partial(fast_models.stem_bn_relu_pool, chunk=chunk,
+                             forward_chunk=forward_chunk)
+    assert_close(reference(x, k, scale, bias), stem(x, k, scale, bias), rtol=1e-5, atol=1e-5)
     grads = [jax.grad(lambda *a, f=f: jnp.sum(f(*a)[0] * cot), argnums=(0, 1, 2, 3))(
-        x, k, scale, bias) for f in (reference,
-                                     lambda *a, c=chunk: fast_models.stem_bn_relu_pool(*a, c))]
+        x, k, scale, bias) for f in (reference, stem)]
     assert_close(grads[0], grads[1], rtol=1e-4, atol=1e-5)
+
+
+def test_forward_chunk_is_a_multiple_of_the_backward_chunk_dividing_the_batch():
+  assert fast_models._forward_chunk_size(40, 4, 20) == 20  # pylint: disable=protected-access
+  assert fast_models._forward_chunk_size(256, 4, 20) == 16  # pylint: disable=protected-access
+  assert fast_models._forward_chunk_size(36, 4, 20) == 12  # pylint: disable=protected-access
+  assert fast_models._forward_chunk_size(6, 3, 0) == 3  # pylint: disable=protected-access
 
 
 @pytest.fixture
