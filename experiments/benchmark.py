@@ -74,7 +74,7 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "AV-MNIST config (conf
                                           lock_config=False)
 _BATCHES = flags.DEFINE_list("batches", ["40", "256"], "Batch sizes.")
 _STEPS = flags.DEFINE_integer("steps", 10, "Timed steps per path, batch and repeat.")
-_REPEATS = flags.DEFINE_integer("repeats", 3, "Interleaved repeats (plain, fast, plain, ...).")
+_REPEATS = flags.DEFINE_integer("repeats", 3, "Interleaved repeats (every path, then every path again, ...).")
 _PATHS = flags.DEFINE_list("paths", ["plain", "plain_tuned", "fast"],
                            "Implementations to compare: plain, plain_tuned, fast (docstring).")
 _DTYPES = flags.DEFINE_list("dtypes", ["float32"], "Compute dtypes (config.model.compute_dtype) "
