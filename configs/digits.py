@@ -12,8 +12,8 @@ CPU cores, process start included.
   python -m i2m2_jax.main --config configs/digits.py:smoke --workdir /tmp/smoke  # seconds
 
 Expected result (test accuracy, seeds 0-2, 2-core CPU): i2m2 99.16 ± 0.00 %, intra 98.14 ± 0.58,
-inter 97.96 ± 0.16, uni_top 81.99 ± 1.61, uni_bottom 83.66 ± 1.05; i2m2 also has the lowest NLL
-(0.044 vs 0.072 and 0.078) and ECE (2.5 % vs 3.1 and 3.5).
+inter 97.96 ± 0.16, uni_top 81.89 ± 1.45, uni_bottom 83.66 ± 1.13; i2m2 also has the lowest NLL
+(0.043 vs 0.072 and 0.078) and ECE (2.6 % vs 3.1 and 3.5).
 """
 from configs import default
 
