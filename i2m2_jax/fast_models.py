@@ -465,8 +465,8 @@ _FORWARD_CHUNK_MIN_PIXELS = 56 * 56
 
 def _forward_chunk_size(batch: int, chunk: int, target: int) -> int:
   """The largest multiple of `chunk` (a divisor of batch) that divides batch and is at most
-  max(target, chunk)."""
-  return max(m for m in range(chunk, max(target, chunk) + 1, chunk) if batch % m == 0)
+  max(target, chunk): `chunk` times the largest divisor of batch / chunk within the target."""
+  return chunk * _chunk_size(batch // chunk, max(target, chunk) // chunk)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
