@@ -32,7 +32,10 @@ Performance section has the numbers):
    that patches and outputs stay in cache; BatchNorm statistics are merged exactly over chunks;
    the backward pass recomputes each chunk (4 examples; the forward pass takes up to 20) and
    accumulates the kernel gradient as one matrix product, with no full-resolution gradient
-   image in memory.
+   image in memory. On CPU, for one input channel, the block runs instead on the C++ kernels of
+   cpu_kernels.cc (`stem_bn_relu_pool_cpu`, built on first use): the same function, one pass
+   over the batch split over XLA's intra-op threads (XLA runs the loops above on one thread
+   while the rest of the step waits for them); without a C++ compiler the XLA version runs.
 3. The later blocks: BatchNorm + ReLU + 2x2 max-pool as one operation with a hand-written
    gradient (`bn_relu_pool`): the forward pools first (max, or min where the BatchNorm scale is
    negative: BatchNorm is monotone per channel and ReLU commutes with max), the backward writes
@@ -48,13 +51,13 @@ Performance section has the numbers):
    without channel padding: evaluation is compiled with XLA's own convolutions instead of its
    library (train_lib.compiler_options), which was faster there.
 
-Options of FastLeNetClassifier switch each of 1-2 off (for measurements and tests); shapes the
+Options of FastLeNetClassifier switch each of 1-2 (and the C++ kernels) off (for measurements and tests); shapes the
 custom first block does not handle (odd sizes) fall back to an XLA convolution.
 """
 from __future__ import annotations
 
 import functools
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping, NamedTuple, Sequence
 
 import flax.linen as nn
 import jax
@@ -62,6 +65,7 @@ from jax import lax
 import jax.numpy as jnp
 import numpy as np
 
+from i2m2_jax import cpu_kernels
 from i2m2_jax import models
 from i2m2_jax import paper_models
 from i2m2_jax.combine import product_of_experts
@@ -562,6 +566,80 @@ def _stem_bwd(chunk, forward_chunk, residuals, cotangents):
 stem_bn_relu_pool.defvjp(_stem_fwd, _stem_bwd, symbolic_zeros=True)
 
 
+def use_cpu_kernels(x_shape: Sequence[int], kernel_shape: Sequence[int]) -> bool:
+  """Whether the first block runs on cpu_kernels: on CPU, for one input channel, when they built."""
+  return (jax.default_backend() == "cpu" and x_shape[-1] == 1 and tuple(kernel_shape[:3]) == (5, 5, 1)
+          and x_shape[1] % 2 == 0 and x_shape[2] % 2 == 0 and cpu_kernels.available())
+
+
+def _bn_relu(sel, mean, rstd, scale, bias):
+  """ReLU(BatchNorm) of selected window elements [B, C, h, w] -> NHWC [B, h, w, C]."""
+  v = lambda a: a[:, None, None]  # noqa: E731
+  return nn.relu((sel - v(mean)) * v(rstd) * v(scale) + v(bias)).transpose(0, 2, 3, 1)
+
+
+@jax.custom_vjp
+def stem_bn_relu_pool_cpu(x, kernel, scale, bias):
+  """stem_bn_relu_pool (one input channel) on cpu_kernels: the convolution, pooling choice and
+  batch moments in one multi-threaded pass over the batch; the kernel gradient in another, which
+  recomputes the convolution. When x itself is differentiated, the XLA implementation runs."""
+  return _stem_cpu_fwd(*(_Primal(v) for v in (x, kernel, scale, bias)))[0]
+
+
+class _CpuStemResiduals(NamedTuple):
+  x: jax.Array
+  kernel: jax.Array
+  scale: jax.Array
+  bias: jax.Array
+  sel: jax.Array
+  first: jax.Array
+  mean: jax.Array
+  rstd: jax.Array
+
+
+def _stem_cpu_fwd(x, kernel, scale, bias):
+  if x.perturbed:  # the kernels compute no input gradient
+    return _stem_fwd(x, kernel, scale, bias, stem_chunk(x.value.shape[0], train=True),
+                     TRAIN_FORWARD_CHUNK)
+  x, kernel, scale, bias = x.value, kernel.value, scale.value, bias.value
+  co = kernel.shape[-1]
+  sel, first, moments = cpu_kernels.stem_forward(x[..., 0], kernel.reshape(25, co), scale)
+  mean, var = moments[0], moments[1]
+  rstd = lax.rsqrt(var + _BN_EPSILON)
+  out = _bn_relu(sel, mean, rstd, scale, bias)
+  return (out, mean, var), _CpuStemResiduals(x, kernel, scale, bias, sel, first, mean, rstd)
+
+
+def _stem_cpu_bwd(residuals, cotangents):
+  if not isinstance(residuals, _CpuStemResiduals):
+    return _stem_bwd(None, None, residuals, cotangents)
+  x, kernel, scale, bias, sel, first, mean, rstd = residuals
+  co = kernel.shape[-1]
+  count = x.shape[0] * x.shape[1] * x.shape[2]
+  g = cotangents[0]
+  if isinstance(g, jax.custom_derivatives.SymbolicZero):
+    g = jnp.zeros(sel.shape, jnp.float32)
+  else:
+    g = g.transpose(0, 3, 1, 2)
+  v = lambda a: a[:, None, None]  # noqa: E731
+  x_sel = (sel - v(mean)) * v(rstd)
+  g_pre = jnp.where(x_sel * v(scale) + v(bias) > 0, g, 0.0)
+  g_bias = g_pre.sum((0, 2, 3))
+  g_scale = (g_pre * x_sel).sum((0, 2, 3))
+  coef = jnp.stack([rstd * scale, g_bias / count, rstd * g_scale / count, mean])
+  d_kernel = cpu_kernels.stem_kernel_grad(x[..., 0], kernel.reshape(25, co), g_pre, first, coef)
+  return None, d_kernel.reshape(kernel.shape), g_scale, g_bias
+
+
+stem_bn_relu_pool_cpu.defvjp(_stem_cpu_fwd, _stem_cpu_bwd, symbolic_zeros=True)
+
+
+def stem_bn_relu_pool_eval_cpu(x, kernel, scale, bias, mean, var):
+  """stem_bn_relu_pool_eval (one input channel) on cpu_kernels."""
+  sel, _, _ = cpu_kernels.stem_forward(x[..., 0], kernel.reshape(25, kernel.shape[-1]), scale)
+  return _bn_relu(sel, mean, lax.rsqrt(var + _BN_EPSILON), scale, bias)
+
+
 def stem_bn_relu_pool_eval(x, kernel, scale, bias, mean, var, chunk: int = 4):
   """The first block in inference mode (running statistics), chunked as stem_bn_relu_pool."""
   b, h, w, ci = x.shape
@@ -687,6 +765,7 @@ class FastLeNetClassifier(nn.Module):
   use_s2d: bool = True
   fuse_first_conv: bool = True
   stem_matmul: bool = True
+  cpu_kernels: bool = True
 
   def setup(self):
     shapes = dict(self.modality_shapes)
@@ -762,6 +841,13 @@ class FastLeNetClassifier(nn.Module):
     k = kernel.shape[0]
     count = x.shape[0] * x.shape[1] * x.shape[2]
     if self.stem_matmul and k == 5 and x.shape[1] % 2 == 0 and x.shape[2] % 2 == 0:
+      if self.cpu_kernels and use_cpu_kernels(x.shape, kernel.shape):
+        if train:
+          out, mean, var = stem_bn_relu_pool_cpu(x, kernel, block["scale"], block["bias"])
+          return out, (mean, var, count)
+        out = stem_bn_relu_pool_eval_cpu(x, kernel, block["scale"], block["bias"], block["mean"],
+                                         block["var"])
+        return out, (block["mean"], block["var"], count)
       if train:
         large = x.shape[1] * x.shape[2] >= _FORWARD_CHUNK_MIN_PIXELS
         out, mean, var = stem_bn_relu_pool(x, kernel, block["scale"], block["bias"],

@@ -141,13 +141,14 @@ def test_odd_sizes_and_unfused_paths_same_function():
   # 27x27: the first block cannot use space-to-depth (odd); 7x7 pools drop a row and a column.
   shapes = {"image": (27, 27, 1), "audio": (14, 14, 2)}
   check_same_function(small_model_config(num_blocks=1), shapes, batch=3)
-  # The same model with the first-block optimisations switched off gives the same outputs.
+  # The same model with the first-block optimisations switched off gives the same outputs
+  # (cpu_kernels=False: the XLA implementation of the first block).
   plain, fast = build_pair(small_model_config(num_blocks=1), TINY_SHAPES)
   x = random_inputs(TINY_SHAPES, 4)
   variables = perturbed(jax.jit(plain.init)(KEY, x))
   want = jax.jit(lambda v: plain.apply(v, x, train=True, mutable=["batch_stats"]))(variables)
-  for options in ({"stem_matmul": False}, {"fuse_first_conv": False, "use_s2d": False,
-                                           "stem_matmul": False}):
+  for options in ({"cpu_kernels": False}, {"stem_matmul": False},
+                  {"fuse_first_conv": False, "use_s2d": False, "stem_matmul": False}):
     variant = fast.clone(**options)
     got = jax.jit(lambda v, m=variant: m.apply(v, x, train=True, mutable=["batch_stats"]))(
         variables)
