@@ -1,4 +1,4 @@
-"""Multi-threaded CPU kernels for the first LeNet block (cpu_kernels.cc), built on first use.
+"""Multi-threaded CPU kernels for LeNet blocks on large images (cpu_kernels.cc), built on first use.
 
 The C++ source ships with the package; the first call of `available()` in a process compiles it
 with the machine's C++ compiler (g++ or $CXX, against the XLA FFI headers that jaxlib ships) into a
@@ -25,8 +25,10 @@ import jax.numpy as jnp
 import jaxlib
 
 SOURCE = pathlib.Path(__file__).with_name("cpu_kernels.cc")
-FORWARD_TARGET = "i2m2_stem_forward"
-BACKWARD_TARGET = "i2m2_stem_backward"
+# XLA FFI target name -> symbol in the library.
+_TARGETS = {"i2m2_conv_pool_forward": "I2m2ConvPoolForward",
+            "i2m2_conv_pool_kernel_grad": "I2m2ConvPoolKernelGrad",
+            "i2m2_conv_pool_grads": "I2m2ConvPoolGrads"}
 _FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC")
 
 
@@ -75,8 +77,7 @@ def build() -> pathlib.Path:
 def _load() -> None:
   """Builds (or finds) the library and registers its handlers, once per process."""
   library = ctypes.cdll.LoadLibrary(str(build()))
-  for target, symbol in ((FORWARD_TARGET, "I2m2StemForward"),
-                         (BACKWARD_TARGET, "I2m2StemBackward")):
+  for target, symbol in _TARGETS.items():
     jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(library, symbol)),
                                 platform="cpu")
 
@@ -94,22 +95,32 @@ def available() -> bool:
   return True
 
 
-def stem_forward(x: jax.Array, kernel: jax.Array, scale: jax.Array):
-  """x [B, H, W], kernel [25, C] (5x5x1xC), scale [C] -> selected window elements [B, C, H/2,
-  W/2] (max, or min where scale < 0), index of the first selected element (int8, e = 2 * row +
-  column of the window), batch moments [2, C] (mean, biased variance) of the convolution."""
-  b, h, w = x.shape
+def conv_pool_forward(x: jax.Array, kernel: jax.Array, scale: jax.Array):
+  """The forward pass of a LeNet block up to its pooling choice.
+
+  x [B, Ci, H, W] (H, W even), kernel [K, K, Ci, C] (K = 3 or 5; 'same' padding, no bias),
+  scale [C] (BatchNorm's) -> the selected element of each 2x2 pooling window of the convolution
+  [B, C, H/2, W/2] (max, or min where scale < 0), the index of the first selected element (int8,
+  e = 2 * row + column of the window), and the batch moments [2, C] (mean, biased variance)."""
+  b, _, h, w = x.shape
   c = kernel.shape[-1]
   pooled = (b, c, h // 2, w // 2)
   out = (jax.ShapeDtypeStruct(pooled, jnp.float32), jax.ShapeDtypeStruct(pooled, jnp.int8),
          jax.ShapeDtypeStruct((2, c), jnp.float32))
-  return jax.ffi.ffi_call(FORWARD_TARGET, out)(x, kernel, scale)
+  return jax.ffi.ffi_call("i2m2_conv_pool_forward", out)(x, kernel.reshape(-1, c), scale)
 
 
-def stem_kernel_grad(x: jax.Array, kernel: jax.Array, g_pre: jax.Array, first: jax.Array,
-                     coef: jax.Array) -> jax.Array:
-  """The kernel gradient [25, C]: sum over pixels of g_y * x at each tap, g_y = a (g_z - c1 -
-  (y - mean) c2) with coef = [a, c1, c2, mean] ([4, C]) and g_z the pooled gradient g_pre
-  [B, C, H/2, W/2] routed to each window's `first` element (y recomputed from x and kernel)."""
-  out = jax.ShapeDtypeStruct(kernel.shape, jnp.float32)
-  return jax.ffi.ffi_call(BACKWARD_TARGET, out)(x, kernel, g_pre, first, coef)
+def conv_pool_grads(x: jax.Array, kernel: jax.Array, g_pre: jax.Array, first: jax.Array,
+                    coef: jax.Array, input_grad: bool):
+  """The block's kernel gradient [K, K, Ci, C] and, with input_grad, input gradient
+  [B, Ci, H, W], from g_y = a (g_z - c1 - (y - mean) c2): coef = [a, c1, c2, mean] ([4, C]),
+  g_z the pooled gradient g_pre [B, C, H/2, W/2] routed to each window's `first` element, y the
+  convolution (recomputed from x and kernel)."""
+  c = kernel.shape[-1]
+  d_kernel = jax.ShapeDtypeStruct((kernel.size // c, c), jnp.float32)
+  args = (x, kernel.reshape(-1, c), g_pre, first, coef)
+  if not input_grad:
+    return jax.ffi.ffi_call("i2m2_conv_pool_kernel_grad", d_kernel)(*args).reshape(kernel.shape)
+  d_x = jax.ShapeDtypeStruct(x.shape, jnp.float32)
+  d_k, d_x = jax.ffi.ffi_call("i2m2_conv_pool_grads", (d_kernel, d_x))(*args)
+  return d_k.reshape(kernel.shape), d_x

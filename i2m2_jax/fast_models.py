@@ -24,19 +24,24 @@ Performance section has the numbers):
    (horizontal fusion): the uni-modal LeNet(c=3) and the joint LeNet(c=6) first convolutions
    read the same input, so their kernels are concatenated into one 1 -> 9 channel convolution;
    BatchNorm statistics stay per channel, so this is exact.
-2. That first block (5x5 convolution -> BatchNorm -> ReLU -> 2x2 max-pool, the largest cost of
-   the plain step: 112x112 images with 1 input channel) is one custom operation,
-   `stem_bn_relu_pool`: the convolution on the 2x2 space-to-depth of the input is a single matrix
-   product per chunk of examples, channels first, whose output rows are the four pixels of
-   each pooling window; the chunks go through `lax.map` (in evaluation two independent loops) so
-   that patches and outputs stay in cache; BatchNorm statistics are merged exactly over chunks;
-   the backward pass recomputes each chunk (4 examples; the forward pass takes up to 20) and
-   accumulates the kernel gradient as one matrix product, with no full-resolution gradient
-   image in memory. On CPU, for one input channel, the block runs instead on the C++ kernels of
-   cpu_kernels.cc (`stem_bn_relu_pool_cpu`, built on first use): the same function, one pass
-   over the batch split over XLA's intra-op threads (XLA runs the loops above on one thread
-   while the rest of the step waits for them); without a C++ compiler the XLA version runs.
-3. The later blocks: BatchNorm + ReLU + 2x2 max-pool as one operation with a hand-written
+2. On CPU, the blocks on images of at least 28x28 pixels (the first block at any even size; for
+   AV-MNIST the 112x112, 56x56 and 28x28 blocks, most of the step) run on the C++ kernels of
+   cpu_kernels.cc (`conv_bn_relu_pool_cpu`, built on first use): convolution, pooling choice and
+   BatchNorm moments in one pass over the batch, split over XLA's intra-op threads, with each
+   example's convolution output kept in registers; the backward pass recomputes it and computes
+   the kernel and input gradients in a second pass. XLA ran these small-channel convolutions and
+   their loops on one thread while much of the step waited for them. Activations stay channels
+   first between such blocks. Without a C++ compiler (or with I2M2_JAX_CPU_KERNELS=0), and on
+   other backends, 3-5 below run instead.
+3. The first block (5x5 convolution -> BatchNorm -> ReLU -> 2x2 max-pool) as one custom
+   operation, `stem_bn_relu_pool`: the convolution on the 2x2 space-to-depth of the input is a
+   single matrix product per chunk of examples, channels first, whose output rows are the four
+   pixels of each pooling window; the chunks go through `lax.map` (in evaluation two independent
+   loops) so that patches and outputs stay in cache; BatchNorm statistics are merged exactly over
+   chunks; the backward pass recomputes each chunk (4 examples; the forward pass takes up to 20)
+   and accumulates the kernel gradient as one matrix product, with no full-resolution gradient
+   image in memory.
+4. The later blocks: BatchNorm + ReLU + 2x2 max-pool as one operation with a hand-written
    gradient (`bn_relu_pool`): the forward pools first (max, or min where the BatchNorm scale is
    negative: BatchNorm is monotone per channel and ReLU commutes with max), the backward writes
    the convolution output's gradient in one elementwise pass, routing the pooled gradient to the
@@ -44,20 +49,20 @@ Performance section has the numbers):
    Their 3x3 convolutions (`conv3x3`) are padded to 17 output channels where that moves them to
    XLA's fast CPU convolution library, compute the input gradient as a plain convolution with a
    flipped kernel, and sum the kernel gradient over chunks of at most 16 examples.
-4. Evaluation: pooling before the BatchNorm affine map (exact, as above), so the affine map and
+5. Evaluation: pooling before the BatchNorm affine map (exact, as above), so the affine map and
    ReLU touch a quarter of the elements; the first block is the same matrix product. The 3x3
    convolutions with 3 input channels are computed on the 2x2 space-to-depth of their input
    (`conv3x3_s2d`) and return the pooling windows directly; the others are plain convolutions,
    without channel padding: evaluation is compiled with XLA's own convolutions instead of its
    library (train_lib.compiler_options), which was faster there.
 
-Options of FastLeNetClassifier switch each of 1-2 (and the C++ kernels) off (for measurements and tests); shapes the
-custom first block does not handle (odd sizes) fall back to an XLA convolution.
+Options of FastLeNetClassifier switch 1-3 off (for measurements and tests); shapes the custom
+first block does not handle (odd sizes) fall back to an XLA convolution.
 """
 from __future__ import annotations
 
 import functools
-from typing import Any, Mapping, NamedTuple, Sequence
+from typing import Any, Mapping, Sequence
 
 import flax.linen as nn
 import jax
@@ -566,77 +571,77 @@ def _stem_bwd(chunk, forward_chunk, residuals, cotangents):
 stem_bn_relu_pool.defvjp(_stem_fwd, _stem_bwd, symbolic_zeros=True)
 
 
-def use_cpu_kernels(x_shape: Sequence[int], kernel_shape: Sequence[int]) -> bool:
-  """Whether the first block runs on cpu_kernels: on CPU, for one input channel, when they built."""
-  return (jax.default_backend() == "cpu" and x_shape[-1] == 1 and tuple(kernel_shape[:3]) == (5, 5, 1)
-          and x_shape[1] % 2 == 0 and x_shape[2] % 2 == 0 and cpu_kernels.available())
+# ---------------------------------------------------------------------------------------------
+# Blocks on the C++ CPU kernels (cpu_kernels.cc), channels-first [B, C, H, W] in and out
+
+# On CPU, blocks whose input has at least this many pixels run on cpu_kernels; smaller ones on
+# XLA's convolution library (conv3x3 above).
+CPU_KERNEL_MIN_PIXELS = 28 * 28
+
+
+def use_cpu_kernels(x_shape: Sequence[int], kernel_shape: Sequence[int],
+                    min_pixels: int | None = None) -> bool:
+  """Whether a block with NHWC input x_shape and HWIO kernel_shape runs on cpu_kernels: on CPU,
+  for 3x3 and 5x5 kernels on even sizes of at least min_pixels (CPU_KERNEL_MIN_PIXELS; the
+  first block takes them at any size), when they built."""
+  _, h, w, _ = x_shape
+  min_pixels = CPU_KERNEL_MIN_PIXELS if min_pixels is None else min_pixels
+  return (jax.default_backend() == "cpu" and kernel_shape[0] in (3, 5)
+          and h % 2 == 0 and w % 2 == 0 and h * w >= min_pixels and cpu_kernels.available())
+
+
+def _per_channel(a):
+  return a[:, None, None]
 
 
 def _bn_relu(sel, mean, rstd, scale, bias):
-  """ReLU(BatchNorm) of selected window elements [B, C, h, w] -> NHWC [B, h, w, C]."""
-  v = lambda a: a[:, None, None]  # noqa: E731
-  return nn.relu((sel - v(mean)) * v(rstd) * v(scale) + v(bias)).transpose(0, 2, 3, 1)
+  """ReLU(BatchNorm) of the selected window elements [B, C, h, w]."""
+  return nn.relu((sel - _per_channel(mean)) * _per_channel(rstd * scale) + _per_channel(bias))
 
 
 @jax.custom_vjp
-def stem_bn_relu_pool_cpu(x, kernel, scale, bias):
-  """stem_bn_relu_pool (one input channel) on cpu_kernels: the convolution, pooling choice and
-  batch moments in one multi-threaded pass over the batch; the kernel gradient in another, which
-  recomputes the convolution. When x itself is differentiated, the XLA implementation runs."""
-  return _stem_cpu_fwd(*(_Primal(v) for v in (x, kernel, scale, bias)))[0]
+def conv_bn_relu_pool_cpu(x, kernel, scale, bias):
+  """A LeNet block in training mode on cpu_kernels: KxK 'same' convolution (no bias) ->
+  BatchNorm (batch statistics) -> ReLU -> 2x2 max-pool of channels-first x [B, Ci, H, W] (H, W
+  even). Returns (pooled [B, C, H/2, W/2], batch mean, biased batch variance); the statistics'
+  cotangents are ignored (as bn_relu_pool). Forward: convolution, pooling choice and batch
+  moments in one multi-threaded pass over the batch; backward: the kernel gradient (and the input
+  gradient when x is differentiated) in another, which recomputes the convolution."""
+  return _conv_cpu_fwd(*(_Primal(v) for v in (x, kernel, scale, bias)))[0]
 
 
-class _CpuStemResiduals(NamedTuple):
-  x: jax.Array
-  kernel: jax.Array
-  scale: jax.Array
-  bias: jax.Array
-  sel: jax.Array
-  first: jax.Array
-  mean: jax.Array
-  rstd: jax.Array
-
-
-def _stem_cpu_fwd(x, kernel, scale, bias):
-  if x.perturbed:  # the kernels compute no input gradient
-    return _stem_fwd(x, kernel, scale, bias, stem_chunk(x.value.shape[0], train=True),
-                     TRAIN_FORWARD_CHUNK)
+def _conv_cpu_fwd(x, kernel, scale, bias):
+  x_perturbed = x.perturbed
   x, kernel, scale, bias = x.value, kernel.value, scale.value, bias.value
-  co = kernel.shape[-1]
-  sel, first, moments = cpu_kernels.stem_forward(x[..., 0], kernel.reshape(25, co), scale)
+  sel, first, moments = cpu_kernels.conv_pool_forward(x, kernel, scale)
   mean, var = moments[0], moments[1]
   rstd = lax.rsqrt(var + _BN_EPSILON)
   out = _bn_relu(sel, mean, rstd, scale, bias)
-  return (out, mean, var), _CpuStemResiduals(x, kernel, scale, bias, sel, first, mean, rstd)
+  return (out, mean, var), (x, kernel, scale, bias, sel, first, mean, rstd, x_perturbed)
 
 
-def _stem_cpu_bwd(residuals, cotangents):
-  if not isinstance(residuals, _CpuStemResiduals):
-    return _stem_bwd(None, None, residuals, cotangents)
-  x, kernel, scale, bias, sel, first, mean, rstd = residuals
-  co = kernel.shape[-1]
-  count = x.shape[0] * x.shape[1] * x.shape[2]
+def _conv_cpu_bwd(residuals, cotangents):
+  x, kernel, scale, bias, sel, first, mean, rstd, x_perturbed = residuals
+  count = x.shape[0] * x.shape[2] * x.shape[3]
   g = cotangents[0]
   if isinstance(g, jax.custom_derivatives.SymbolicZero):
     g = jnp.zeros(sel.shape, jnp.float32)
-  else:
-    g = g.transpose(0, 3, 1, 2)
-  v = lambda a: a[:, None, None]  # noqa: E731
-  x_sel = (sel - v(mean)) * v(rstd)
-  g_pre = jnp.where(x_sel * v(scale) + v(bias) > 0, g, 0.0)
+  x_sel = (sel - _per_channel(mean)) * _per_channel(rstd)
+  g_pre = jnp.where(x_sel * _per_channel(scale) + _per_channel(bias) > 0, g, 0.0)
   g_bias = g_pre.sum((0, 2, 3))
   g_scale = (g_pre * x_sel).sum((0, 2, 3))
   coef = jnp.stack([rstd * scale, g_bias / count, rstd * g_scale / count, mean])
-  d_kernel = cpu_kernels.stem_kernel_grad(x[..., 0], kernel.reshape(25, co), g_pre, first, coef)
-  return None, d_kernel.reshape(kernel.shape), g_scale, g_bias
+  grads = cpu_kernels.conv_pool_grads(x, kernel, g_pre, first, coef, input_grad=x_perturbed)
+  d_kernel, d_x = grads if x_perturbed else (grads, None)
+  return d_x, d_kernel, g_scale, g_bias
 
 
-stem_bn_relu_pool_cpu.defvjp(_stem_cpu_fwd, _stem_cpu_bwd, symbolic_zeros=True)
+conv_bn_relu_pool_cpu.defvjp(_conv_cpu_fwd, _conv_cpu_bwd, symbolic_zeros=True)
 
 
-def stem_bn_relu_pool_eval_cpu(x, kernel, scale, bias, mean, var):
-  """stem_bn_relu_pool_eval (one input channel) on cpu_kernels."""
-  sel, _, _ = cpu_kernels.stem_forward(x[..., 0], kernel.reshape(25, kernel.shape[-1]), scale)
+def conv_bn_relu_pool_eval_cpu(x, kernel, scale, bias, mean, var):
+  """conv_bn_relu_pool_cpu in inference mode (running statistics)."""
+  sel, _, _ = cpu_kernels.conv_pool_forward(x, kernel, scale)
   return _bn_relu(sel, mean, lax.rsqrt(var + _BN_EPSILON), scale, bias)
 
 
@@ -758,6 +763,8 @@ class FastLeNetClassifier(nn.Module):
   in the plain classifier's expert order. `modality_shapes`: per-example shapes [H, W, C].
   `use_s2d`: space-to-depth for the fused first convolutions where the shape allows it.
   `fuse_first_conv`: one convolution per modality for all experts' first blocks.
+  `stem_matmul`: the first block as stem_bn_relu_pool (where cpu_kernels do not run it).
+  `cpu_kernels`: blocks on cpu_kernels where use_cpu_kernels allows.
   """
   experts: tuple[tuple[str, tuple[str, ...], tuple[tuple[str, tuple[int, int]], ...],
                        tuple[int, ...], float], ...]
@@ -809,59 +816,75 @@ class FastLeNetClassifier(nn.Module):
 
   def _encode(self, x, branch_vars, train):
     """All LeNet branches reading one modality: the first block fused across branches, the
-    rest per branch. Returns per branch the features and the (mean, var, count) of each block."""
+    rest per branch. Returns per branch the features and the (mean, var, count) of each block.
+    Activations between blocks on cpu_kernels stay channels-first (`channels_first`)."""
     widths = [v[0]["kernel"].shape[-1] for v in branch_vars]
     if self.fuse_first_conv:
-      first = [self._block0(x, _concat_block([v[0] for v in branch_vars]), train)]
-      h_all, stats_all = first[0]
+      h_all, stats_all, channels_first = self._block0(
+          x, _concat_block([v[0] for v in branch_vars]), train)
       splits = np.cumsum(widths)[:-1].tolist()
-      hs = jnp.split(h_all, splits, axis=-1)
+      hs = jnp.split(h_all, splits, axis=1 if channels_first else -1)
       stats0 = list(zip(*(jnp.split(s, splits) if i < 2 else [s] * len(widths)
                           for i, s in enumerate(stats_all))))
+      layouts = [channels_first] * len(widths)
     else:
-      results = [self._block0(x, v[0], train) for v in branch_vars]
-      hs = [h for h, _ in results]
-      stats0 = [s for _, s in results]
+      hs, stats0, layouts = zip(*(self._block0(x, v[0], train) for v in branch_vars))
     outs, all_stats = [], []
-    for h, st0, blocks in zip(hs, stats0, branch_vars):
+    for h, channels_first, st0, blocks in zip(hs, layouts, stats0, branch_vars):
       st = [tuple(st0)]
       for block in blocks[1:]:
-        if not train and self.use_s2d and use_s2d_conv3x3(h.shape, block["kernel"].shape):
-          h, s = self._bn_pool(conv3x3_s2d(h, block["kernel"]), block, train, "s2d")
-        else:
-          y = conv3x3(h, block["kernel"]) if train else conv2d(h, block["kernel"], 1)
-          h, s = self._bn_pool(y, block, train, "nhwc")
+        h, s, channels_first = self._block(h, channels_first, block, train)
         st.append(s)
-      outs.append(h)
+      # Features are flattened in the plain modules' NHWC order.
+      outs.append(h.transpose(0, 2, 3, 1) if channels_first else h)
       all_stats.append(st)
     return outs, all_stats
 
+  def _block(self, h, channels_first, block, train):
+    """A 3x3 block after the first; returns (output, statistics, output channels-first)."""
+    kernel = block["kernel"]
+    if channels_first:
+      h = h.transpose(0, 2, 3, 1)
+    if self.cpu_kernels and use_cpu_kernels(h.shape, kernel.shape):
+      return *self._cpu_block(h.transpose(0, 3, 1, 2), block, train), True
+    if not train and self.use_s2d and use_s2d_conv3x3(h.shape, kernel.shape):
+      return *self._bn_pool(conv3x3_s2d(h, kernel), block, train, "s2d"), False
+    y = conv3x3(h, kernel) if train else conv2d(h, kernel, 1)
+    return *self._bn_pool(y, block, train, "nhwc"), False
+
+  @staticmethod
+  def _cpu_block(x, block, train):
+    """A block on cpu_kernels: channels-first x -> (channels-first output, statistics)."""
+    count = x.shape[0] * x.shape[2] * x.shape[3]
+    args = (x, block["kernel"], block["scale"], block["bias"])
+    if train:
+      out, mean, var = conv_bn_relu_pool_cpu(*args)
+      return out, (mean, var, count)
+    return (conv_bn_relu_pool_eval_cpu(*args, block["mean"], block["var"]),
+            (block["mean"], block["var"], count))
+
   def _block0(self, x, block, train):
+    """The first block; returns (output, statistics, output channels-first)."""
     kernel = block["kernel"]
     k = kernel.shape[0]
     count = x.shape[0] * x.shape[1] * x.shape[2]
+    if self.cpu_kernels and use_cpu_kernels(x.shape, kernel.shape, min_pixels=0):
+      return *self._cpu_block(x.transpose(0, 3, 1, 2), block, train), True
     if self.stem_matmul and k == 5 and x.shape[1] % 2 == 0 and x.shape[2] % 2 == 0:
-      if self.cpu_kernels and use_cpu_kernels(x.shape, kernel.shape):
-        if train:
-          out, mean, var = stem_bn_relu_pool_cpu(x, kernel, block["scale"], block["bias"])
-          return out, (mean, var, count)
-        out = stem_bn_relu_pool_eval_cpu(x, kernel, block["scale"], block["bias"], block["mean"],
-                                         block["var"])
-        return out, (block["mean"], block["var"], count)
       if train:
         large = x.shape[1] * x.shape[2] >= _FORWARD_CHUNK_MIN_PIXELS
         out, mean, var = stem_bn_relu_pool(x, kernel, block["scale"], block["bias"],
                                            stem_chunk(x.shape[0], train=True),
                                            TRAIN_FORWARD_CHUNK if large else 0)
-        return out, (mean, var, count)
+        return out, (mean, var, count), False
       out = stem_bn_relu_pool_eval(x, kernel, block["scale"], block["bias"], block["mean"],
                                    block["var"], stem_chunk(x.shape[0], train=False))
-      return out, (block["mean"], block["var"], count)
+      return out, (block["mean"], block["var"], count), False
     if self.use_s2d and can_use_s2d(x.shape, k):
       y = conv2d(space_to_depth(x, 2), s2d_kernel(kernel, 2), 1)
       b, h, w, _ = y.shape
-      return self._bn_pool(y.reshape(b, h, w, 4, kernel.shape[-1]), block, train, "s2d")
-    return self._bn_pool(conv2d(x, kernel, k // 2), block, train, "nhwc")
+      return *self._bn_pool(y.reshape(b, h, w, 4, kernel.shape[-1]), block, train, "s2d"), False
+    return *self._bn_pool(conv2d(x, kernel, k // 2), block, train, "nhwc"), False
 
   @staticmethod
   def _bn_pool(y, block, train, layout):
