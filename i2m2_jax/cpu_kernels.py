@@ -25,6 +25,8 @@ import jax.numpy as jnp
 import jaxlib
 
 SOURCE = pathlib.Path(__file__).with_name("cpu_kernels.cc")
+# Under jax.vmap each mapped slice is its own call (a batch of its own, as BatchNorm needs).
+_VMAP = "sequential"
 # XLA FFI target name -> symbol in the library.
 _TARGETS = {"i2m2_conv_pool_forward": "I2m2ConvPoolForward",
             "i2m2_conv_pool_kernel_grad": "I2m2ConvPoolKernelGrad",
@@ -49,13 +51,16 @@ def _cpu_flags() -> str:
 
 
 def _library_path(compiler: str) -> pathlib.Path:
-  key = hashlib.sha256("\n".join([SOURCE.read_text(), jaxlib.__version__, compiler, *_FLAGS,
-                                  platform.machine(), _cpu_flags()]).encode()).hexdigest()[:16]
-  return cache_dir() / f"cpu_kernels-{key}.so"
+  version = subprocess.run([compiler, "--version"], capture_output=True, text=True,
+                           check=False).stdout
+  key = hashlib.sha256("\n".join([SOURCE.read_text(), jaxlib.__version__, compiler, version,
+                                  *_FLAGS, platform.machine(), _cpu_flags()]).encode())
+  return cache_dir() / f"cpu_kernels-{key.hexdigest()[:16]}.so"
 
 
 def build() -> pathlib.Path:
-  """Compiles cpu_kernels.cc into the cache (once per source, jaxlib, compiler and CPU)."""
+  """Compiles cpu_kernels.cc into the cache (once per source, jaxlib, compiler and CPU); returns
+  the library's path."""
   compiler = os.environ.get("CXX", "g++")
   if shutil.which(compiler) is None:
     raise RuntimeError(f"no C++ compiler {compiler!r} on PATH (set CXX)")
@@ -107,7 +112,8 @@ def conv_pool_forward(x: jax.Array, kernel: jax.Array, scale: jax.Array):
   pooled = (b, c, h // 2, w // 2)
   out = (jax.ShapeDtypeStruct(pooled, jnp.float32), jax.ShapeDtypeStruct(pooled, jnp.int8),
          jax.ShapeDtypeStruct((2, c), jnp.float32))
-  return jax.ffi.ffi_call("i2m2_conv_pool_forward", out)(x, kernel.reshape(-1, c), scale)
+  return jax.ffi.ffi_call("i2m2_conv_pool_forward", out, vmap_method=_VMAP)(
+      x, kernel.reshape(-1, c), scale)
 
 
 def conv_pool_grads(x: jax.Array, kernel: jax.Array, g_pre: jax.Array, first: jax.Array,
@@ -120,7 +126,8 @@ def conv_pool_grads(x: jax.Array, kernel: jax.Array, g_pre: jax.Array, first: ja
   d_kernel = jax.ShapeDtypeStruct((kernel.size // c, c), jnp.float32)
   args = (x, kernel.reshape(-1, c), g_pre, first, coef)
   if not input_grad:
-    return jax.ffi.ffi_call("i2m2_conv_pool_kernel_grad", d_kernel)(*args).reshape(kernel.shape)
+    return jax.ffi.ffi_call("i2m2_conv_pool_kernel_grad", d_kernel, vmap_method=_VMAP)(
+        *args).reshape(kernel.shape)
   d_x = jax.ShapeDtypeStruct(x.shape, jnp.float32)
-  d_k, d_x = jax.ffi.ffi_call("i2m2_conv_pool_grads", (d_kernel, d_x))(*args)
+  d_k, d_x = jax.ffi.ffi_call("i2m2_conv_pool_grads", (d_kernel, d_x), vmap_method=_VMAP)(*args)
   return d_k.reshape(kernel.shape), d_x

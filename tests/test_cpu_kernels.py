@@ -141,6 +141,17 @@ def test_block_matches_reference_function_and_gradients(k, ci):
 
 
 @needs_compiler
+def test_vmap_calls_the_kernels_once_per_mapped_slice():
+  _, x, kernel = random_case((2, 3, 8, 12, 4, 3), 5)
+  xs = np.stack([x, 2 * x[::-1]])
+  scale = np.ones(4, np.float32)
+  mapped = jax.vmap(cpu_kernels.conv_pool_forward, in_axes=(0, None, None))(xs, kernel, scale)
+  for i, xi in enumerate(xs):
+    for got, want in zip(mapped, cpu_kernels.conv_pool_forward(xi, kernel, scale)):
+      np.testing.assert_array_equal(got[i], want)
+
+
+@needs_compiler
 def test_fast_model_on_kernels_computes_the_plain_function(monkeypatch):
   # Every even-sized block on the kernels (the AV-MNIST sizes are covered in test_fast_path).
   monkeypatch.setattr(fast_models, "CPU_KERNEL_MIN_PIXELS", 0)
