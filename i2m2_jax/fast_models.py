@@ -843,10 +843,12 @@ class FastLeNetClassifier(nn.Module):
   def _block(self, h, channels_first, block, train):
     """A 3x3 block after the first; returns (output, statistics, output channels-first)."""
     kernel = block["kernel"]
+    b, *spatial, c = h.shape if not channels_first else (h.shape[0], *h.shape[2:], h.shape[1])
+    if self.cpu_kernels and use_cpu_kernels((b, *spatial, c), kernel.shape):
+      x = h if channels_first else h.transpose(0, 3, 1, 2)
+      return *self._cpu_block(x, block, train), True
     if channels_first:
       h = h.transpose(0, 2, 3, 1)
-    if self.cpu_kernels and use_cpu_kernels(h.shape, kernel.shape):
-      return *self._cpu_block(h.transpose(0, 3, 1, 2), block, train), True
     if not train and self.use_s2d and use_s2d_conv3x3(h.shape, kernel.shape):
       return *self._bn_pool(conv3x3_s2d(h, kernel), block, train, "s2d"), False
     y = conv3x3(h, kernel) if train else conv2d(h, kernel, 1)
