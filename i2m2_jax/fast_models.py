@@ -148,7 +148,8 @@ def _conv3x3_bwd(residuals, g):
 # compile (+3 s for the AV-MNIST I2M2 step when done for all layers), so only the layers of at
 # least 28x28 pixels, where nearly all the gain is, are chunked, in chunks of up to 16 examples:
 # at batch 40 four chunks of 10 took as long as five of 8 (7.5 vs 7.2 ms for the four chunked
-# layers) and compiled ~0.4 s faster; chunks of 20 took twice as long.
+# layers) and compiled ~0.4 s faster; chunks of 20 took twice as long. (On CPU those layers run
+# on cpu_kernels when they are available: this is the path without them, and on other backends.)
 _KERNEL_GRAD_CHUNK = 16
 _KERNEL_GRAD_MAX_CHUNKS = 16
 _KERNEL_GRAD_MIN_SIZE = 28 * 28
