@@ -27,24 +27,25 @@ namespace ffi = xla::ffi;
 
 namespace {
 
-// One vector of pooled columns: 16 floats where the compiler targets AVX-512, else 8 (AVX2's
-// 16 registers hold the 12 accumulators of Windows<3> only at that width).
+// One vector (vf, or vi for indices) of pooled columns: 16 lanes where the compiler targets
+// AVX-512, else 8 (AVX2's 16 registers hold the 12 accumulators of Windows<K, 3> only at that
+// width).
 #ifdef __AVX512F__
 constexpr int kLanes = 16;
 #else
 constexpr int kLanes = 8;
 #endif
-typedef float v8 __attribute__((vector_size(4 * kLanes)));
-typedef int32_t v8i __attribute__((vector_size(4 * kLanes)));
+typedef float vf __attribute__((vector_size(4 * kLanes)));
+typedef int32_t vi __attribute__((vector_size(4 * kLanes)));
 
-inline v8 Load(const float* p) {
-  v8 v;
+inline vf Load(const float* p) {
+  vf v;
   std::memcpy(&v, p, sizeof v);
   return v;
 }
-inline v8 Splat(float s) { return v8{} + s; }
-inline v8i SplatI(int32_t s) { return v8i{} + s; }
-inline float Sum(v8 v) {
+inline vf Splat(float s) { return vf{} + s; }
+inline vi SplatI(int32_t s) { return vi{} + s; }
+inline float Sum(vf v) {
   float s = 0;
   for (int l = 0; l < kLanes; ++l) s += v[l];
   return s;
@@ -126,7 +127,7 @@ void Planes(const float* x, const Geometry<K>& g, float* planes) {
 // vectors the windows read per input channel is loaded once.
 template <int K, int G>
 inline void Windows(const float* planes, const Geometry<K>& g, const float* kernel, int64_t c0,
-                    int64_t t, int64_t mb, v8 acc[4][G]) {
+                    int64_t t, int64_t mb, vf acc[4][G]) {
   for (int e = 0; e < 4; ++e)
     for (int c = 0; c < G; ++c) acc[e][c] = Splat(0.0f);
   for (int64_t ci = 0; ci < g.ci; ++ci) {
@@ -135,7 +136,7 @@ inline void Windows(const float* planes, const Geometry<K>& g, const float* kern
     for (int u = 0; u < K + 1; ++u) {
 #pragma GCC unroll 6
       for (int q = 0; q < K + 1; ++q) {
-        const v8 xv = Load(base + (q & 1) * g.plane + u * g.row + (q >> 1));
+        const vf xv = Load(base + (q & 1) * g.plane + u * g.row + (q >> 1));
 #pragma GCC unroll 2
         for (int py = 0; py < 2; ++py) {
 #pragma GCC unroll 2
@@ -170,30 +171,30 @@ void ForwardExample(const float* x, const float* kernel, const float* scale,
                     const Geometry<K>& g, int64_t b, float* sel, int8_t* first, double* sums,
                     float* planes) {
   Planes(x + b * g.ci * g.h * g.w, g, planes);
-  std::vector<v8> s1(g.c), s2(g.c);
+  std::vector<vf> s1(g.c), s2(g.c);
   for (int64_t c = 0; c < g.c; ++c) sums[2 * c] = sums[2 * c + 1] = 0.0;
   for (int64_t t = 0; t < g.h2; ++t) {
     std::fill(s1.begin(), s1.end(), Splat(0.0f));
     std::fill(s2.begin(), s2.end(), Splat(0.0f));
     ForChannelGroups(g.c, [&](auto group, int64_t c0) {
       constexpr int G = decltype(group)::value;
-      v8 acc[4][G];
+      vf acc[4][G];
       for (int64_t mb = 0; mb < g.blocks; ++mb) {
         Windows<K, G>(planes, g, kernel, c0, t, mb, acc);
         const int64_t valid = g.Valid(mb);
-        v8 mask;
+        vf mask;
         for (int l = 0; l < kLanes; ++l) mask[l] = l < valid ? 1.0f : 0.0f;
         for (int c = 0; c < G; ++c) {
-          const v8 a0 = acc[0][c], a1 = acc[1][c], a2 = acc[2][c], a3 = acc[3][c];
-          v8 s;
+          const vf a0 = acc[0][c], a1 = acc[1][c], a2 = acc[2][c], a3 = acc[3][c];
+          vf s;
           if (scale[c0 + c] >= 0) {
-            const v8 m01 = a0 > a1 ? a0 : a1, m23 = a2 > a3 ? a2 : a3;
+            const vf m01 = a0 > a1 ? a0 : a1, m23 = a2 > a3 ? a2 : a3;
             s = m01 > m23 ? m01 : m23;
           } else {
-            const v8 m01 = a0 < a1 ? a0 : a1, m23 = a2 < a3 ? a2 : a3;
+            const vf m01 = a0 < a1 ? a0 : a1, m23 = a2 < a3 ? a2 : a3;
             s = m01 < m23 ? m01 : m23;
           }
-          v8i f = a2 == s ? SplatI(2) : SplatI(3);
+          vi f = a2 == s ? SplatI(2) : SplatI(3);
           f = a1 == s ? SplatI(1) : f;
           f = a0 == s ? SplatI(0) : f;
           s1[c0 + c] += ((a0 + a1) + (a2 + a3)) * mask;
@@ -218,7 +219,7 @@ void ForwardExample(const float* x, const float* kernel, const float* scale,
 // (grad[c][e][1 + pooled row][1 + pooled column]).
 template <int K, int G>
 inline void InputGradWindows(const float* grad, const Geometry<K>& g, const float* kernel,
-                             int64_t ci0, int64_t s, int64_t nb, v8 acc[4][G]) {
+                             int64_t ci0, int64_t s, int64_t nb, vf acc[4][G]) {
   constexpr int P = Geometry<K>::P;
   for (int e = 0; e < 4; ++e)
     for (int c = 0; c < G; ++c) acc[e][c] = Splat(0.0f);
@@ -230,7 +231,7 @@ inline void InputGradWindows(const float* grad, const Geometry<K>& g, const floa
 #pragma GCC unroll 6
       for (int ib = 0; ib < K + 1; ++ib) {
         const int a = ia + P - (K - 1), bo = ib + P - (K - 1);
-        const v8 gv = Load(base + (2 * (a & 1) + (bo & 1)) * g.grad_plane + Half(a) * g.grad_row +
+        const vf gv = Load(base + (2 * (a & 1) + (bo & 1)) * g.grad_plane + Half(a) * g.grad_row +
                            Half(bo));
 #pragma GCC unroll 2
         for (int ry = 0; ry < 2; ++ry) {
@@ -266,22 +267,22 @@ void BackwardExample(const float* x, const float* kernel, const float* g_pre,
   for (int64_t t = 0; t < g.h2; ++t) {
     ForChannelGroups(g.c, [&](auto group, int64_t c0) {
       constexpr int G = decltype(group)::value;
-      v8 acc[4][G];
+      vf acc[4][G];
       for (int64_t mb = 0; mb < g.blocks; ++mb) {
         Windows<K, G>(planes, g, kernel, c0, t, mb, acc);
         const int64_t valid = g.Valid(mb);
         for (int c = 0; c < G; ++c) {
           const int64_t ch = c0 + c;
           const int64_t in = ((b * g.c + ch) * g.h2 + t) * g.w2 + mb * kLanes;
-          v8 gp = Splat(0.0f);
-          v8i fi = SplatI(-1);  // lanes past the row select nothing: g_y = 0 there
+          vf gp = Splat(0.0f);
+          vi fi = SplatI(-1);  // lanes past the row select nothing: g_y = 0 there
           for (int l = 0; l < valid; ++l) {
             gp[l] = g_pre[in + l];
             fi[l] = first[in + l];
           }
           for (int e = 0; e < 4; ++e) {
-            const v8 gz = fi == SplatI(e) ? gp : Splat(0.0f);
-            v8 gy = Splat(a[ch]) * (gz - Splat(c1[ch]) - (acc[e][c] - Splat(mean[ch])) *
+            const vf gz = fi == SplatI(e) ? gp : Splat(0.0f);
+            vf gy = Splat(a[ch]) * (gz - Splat(c1[ch]) - (acc[e][c] - Splat(mean[ch])) *
                                                          Splat(c2[ch]));
             gy = fi >= SplatI(0) ? gy : Splat(0.0f);
             std::memcpy(grad + (4 * ch + e) * g.grad_plane + (t + 1) * g.grad_row +
@@ -294,18 +295,18 @@ void BackwardExample(const float* x, const float* kernel, const float* g_pre,
     // partial sums stay in registers while the windows' input vectors stream past.
     for (int64_t ch = 0; ch < g.c; ++ch) {
       for (int64_t ci = 0; ci < g.ci; ++ci) {
-        v8 k[K * K];
+        vf k[K * K];
         for (int i = 0; i < K * K; ++i) k[i] = Splat(0.0f);
         const float* base = planes + 2 * ci * g.plane + 2 * t * g.row;
         const float* gy_row = grad + 4 * ch * g.grad_plane + (t + 1) * g.grad_row + 1;
         for (int64_t mb = 0; mb < g.blocks; ++mb) {
-          v8 gye[4];
+          vf gye[4];
           for (int e = 0; e < 4; ++e) gye[e] = Load(gy_row + e * g.grad_plane + mb * kLanes);
 #pragma GCC unroll 6
           for (int u = 0; u < K + 1; ++u) {
 #pragma GCC unroll 6
             for (int q = 0; q < K + 1; ++q) {
-              const v8 xv = Load(base + (q & 1) * g.plane + u * g.row + (q >> 1) + mb * kLanes);
+              const vf xv = Load(base + (q & 1) * g.plane + u * g.row + (q >> 1) + mb * kLanes);
 #pragma GCC unroll 2
               for (int py = 0; py < 2; ++py) {
 #pragma GCC unroll 2
@@ -327,7 +328,7 @@ void BackwardExample(const float* x, const float* kernel, const float* g_pre,
   for (int64_t s = 0; s < g.h2; ++s) {
     ForChannelGroups(g.ci, [&](auto group, int64_t ci0) {
       constexpr int G = decltype(group)::value;
-      v8 acc[4][G];
+      vf acc[4][G];
       for (int64_t nb = 0; nb < g.blocks; ++nb) {
         InputGradWindows<K, G>(grad, g, kernel, ci0, s, nb, acc);
         const int64_t valid = g.Valid(nb);
