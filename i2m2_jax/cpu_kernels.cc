@@ -440,32 +440,45 @@ ffi::Error CheckGradShapes(const ffi::Buffer<ffi::F32>& x, const ffi::Buffer<ffi
   return ffi::Error::Success();
 }
 
-ffi::Error KernelGradImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
-                          ffi::Buffer<ffi::F32> kernel, ffi::Buffer<ffi::F32> g_pre,
-                          ffi::Buffer<ffi::S8> first, ffi::Buffer<ffi::F32> coef,
-                          ffi::ResultBuffer<ffi::F32> d_kernel) {
+// The backward handlers share everything but whether the input gradient is written (d_x).
+ffi::Error BackwardImpl(ffi::ThreadPool& pool, const ffi::Buffer<ffi::F32>& x,
+                        const ffi::Buffer<ffi::F32>& kernel, const ffi::Buffer<ffi::F32>& g_pre,
+                        const ffi::Buffer<ffi::S8>& first, const ffi::Buffer<ffi::F32>& coef,
+                        float* d_kernel, float* d_x) {
   const int64_t c = coef.element_count() / 4;
   ffi::Error error = ffi::Error::Success();
   const int k = KernelSize(x, kernel, c, error);
   if (k == 0) return error;
   if (auto shapes = CheckGradShapes(x, g_pre, first, c); shapes.failure()) return shapes;
   auto run = k == 3 ? Backward<3> : Backward<5>;
-  run(pool, x, kernel, g_pre, first, coef, d_kernel->typed_data(), nullptr);
+  run(pool, x, kernel, g_pre, first, coef, d_kernel, d_x);
   return ffi::Error::Success();
+}
+
+ffi::Error KernelGradImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
+                          ffi::Buffer<ffi::F32> kernel, ffi::Buffer<ffi::F32> g_pre,
+                          ffi::Buffer<ffi::S8> first, ffi::Buffer<ffi::F32> coef,
+                          ffi::ResultBuffer<ffi::F32> d_kernel) {
+  return BackwardImpl(pool, x, kernel, g_pre, first, coef, d_kernel->typed_data(), nullptr);
 }
 
 ffi::Error GradsImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> kernel,
                      ffi::Buffer<ffi::F32> g_pre, ffi::Buffer<ffi::S8> first,
                      ffi::Buffer<ffi::F32> coef, ffi::ResultBuffer<ffi::F32> d_kernel,
                      ffi::ResultBuffer<ffi::F32> d_x) {
-  const int64_t c = coef.element_count() / 4;
-  ffi::Error error = ffi::Error::Success();
-  const int k = KernelSize(x, kernel, c, error);
-  if (k == 0) return error;
-  if (auto shapes = CheckGradShapes(x, g_pre, first, c); shapes.failure()) return shapes;
-  auto run = k == 3 ? Backward<3> : Backward<5>;
-  run(pool, x, kernel, g_pre, first, coef, d_kernel->typed_data(), d_x->typed_data());
-  return ffi::Error::Success();
+  return BackwardImpl(pool, x, kernel, g_pre, first, coef, d_kernel->typed_data(),
+                      d_x->typed_data());
+}
+
+// The backward handlers' operands: x, kernel, g_pre, first, coef.
+auto BackwardBinding() {
+  return ffi::Ffi::Bind()
+      .Ctx<ffi::ThreadPool>()
+      .Arg<ffi::Buffer<ffi::F32>>()
+      .Arg<ffi::Buffer<ffi::F32>>()
+      .Arg<ffi::Buffer<ffi::F32>>()
+      .Arg<ffi::Buffer<ffi::S8>>()
+      .Arg<ffi::Buffer<ffi::F32>>();
 }
 
 }  // namespace
@@ -481,22 +494,9 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(I2m2ConvPoolForward, ForwardImpl,
                                   .Ret<ffi::Buffer<ffi::F32>>());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(I2m2ConvPoolKernelGrad, KernelGradImpl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::S8>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
+                              BackwardBinding().Ret<ffi::Buffer<ffi::F32>>());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(I2m2ConvPoolGrads, GradsImpl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::S8>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
+                              BackwardBinding()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
