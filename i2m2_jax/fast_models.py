@@ -411,6 +411,32 @@ def _stem_pool(yt, scale):
                    _tree_reduce(jnp.minimum, rows))
 
 
+def _per_channel(v, ndim: int):
+  """[C] -> broadcastable against an `ndim`-axis array with its channels on axis 1."""
+  return v.reshape((-1,) + (1,) * (ndim - 2))
+
+
+def _bn_relu(sel, mean, rstd, scale, bias):
+  """ReLU(BatchNorm) of selected window elements with their channels on axis 1 (in the order of
+  TorchBatchNorm's operations)."""
+  c = functools.partial(_per_channel, ndim=sel.ndim)
+  return nn.relu((sel - c(mean)) * c(rstd) * c(scale) + c(bias))
+
+
+def _bn_relu_grads(sel, g, mean, rstd, scale, bias, count: int):
+  """The backward pass of _bn_relu for the pooled gradient g: (g_pre, g_scale, g_bias, (a, c1,
+  c2)), g_pre the gradient before the ReLU, and BatchNorm's input gradient
+  g_y = a (g_z - c1 - (y - mean) c2) with g_z g_pre routed to its window's selected element;
+  `count` is the number of elements per channel of the convolution output y."""
+  c = functools.partial(_per_channel, ndim=sel.ndim)
+  x_sel = (sel - c(mean)) * c(rstd)
+  g_pre = jnp.where(x_sel * c(scale) + c(bias) > 0, g, 0.0)
+  axes = (0, *range(2, sel.ndim))
+  g_bias = g_pre.sum(axes)
+  g_scale = (g_pre * x_sel).sum(axes)
+  return g_pre, g_scale, g_bias, (rstd * scale, g_bias / count, rstd * g_scale / count)
+
+
 def _chunk_size(batch: int, target: int) -> int:
   """The largest divisor of batch that is at most target."""
   return max(d for d in range(1, min(batch, max(target, 1)) + 1) if batch % d == 0)
@@ -517,8 +543,8 @@ def _stem_fwd(x, kernel, scale, bias, chunk, forward_chunk):
   mean = means.mean(0)
   var = (m2s.sum(0) + per_chunk * jnp.square(means - mean).sum(0)) / (per_chunk * (b // cf))
   rstd = lax.rsqrt(var + _BN_EPSILON)
-  pre = (sel - mean[:, None]) * rstd[:, None] * scale[:, None] + bias[:, None]  # [nc, co, Nc]
-  out = nn.relu(pre).reshape(b // cf, co, cf, h2, w2).transpose(0, 2, 3, 4, 1)
+  out = _bn_relu(sel, mean, rstd, scale, bias)  # [nc, co, Nc]
+  out = out.reshape(b // cf, co, cf, h2, w2).transpose(0, 2, 3, 4, 1)
 
   def backward_chunks(a):  # [b/cf, co, cf*h2*w2] -> [b/cb, co, cb*h2*w2]
     k = cf // cb
@@ -540,12 +566,9 @@ def _stem_bwd(chunk, forward_chunk, residuals, cotangents):
   if isinstance(g_out, jax.custom_derivatives.SymbolicZero):
     g_out = jnp.zeros((nc * cb, h2, w2, co), jnp.float32)
   g = g_out.reshape(nc, cb, h2, w2, co).transpose(0, 4, 1, 2, 3).reshape(nc, co, -1)
-  x_sel = (sel - mean[:, None]) * rstd[:, None]
-  g_pre = jnp.where(x_sel * scale[:, None] + bias[:, None] > 0, g, 0.0)
-  g_bias = g_pre.sum((0, 2))
-  g_scale = (g_pre * x_sel).sum((0, 2))
+  g_pre, g_scale, g_bias, coef = _bn_relu_grads(sel, g, mean, rstd, scale, bias, count)
   tile = lambda v: jnp.tile(v, 4)[:, None]  # [co] -> [(p, co), 1]  # noqa: E731
-  a, c1, c2 = tile(rstd * scale), tile(g_bias / count), tile(rstd * g_scale / count)
+  a, c1, c2 = map(tile, coef)
   mean4 = tile(mean)
   idx = lax.broadcasted_iota(jnp.int8, (4, co, 1), 0)
 
@@ -591,15 +614,6 @@ def use_cpu_kernels(x_shape: Sequence[int], kernel_shape: Sequence[int],
           and h % 2 == 0 and w % 2 == 0 and h * w >= min_pixels and cpu_kernels.available())
 
 
-def _per_channel(a):
-  return a[:, None, None]
-
-
-def _bn_relu(sel, mean, rstd, scale, bias):
-  """ReLU(BatchNorm) of the selected window elements [B, C, h, w]."""
-  return nn.relu((sel - _per_channel(mean)) * _per_channel(rstd * scale) + _per_channel(bias))
-
-
 @jax.custom_vjp
 def conv_bn_relu_pool_cpu(x, kernel, scale, bias):
   """A LeNet block in training mode on cpu_kernels: KxK 'same' convolution (no bias) ->
@@ -627,12 +641,9 @@ def _conv_cpu_bwd(residuals, cotangents):
   g = cotangents[0]
   if isinstance(g, jax.custom_derivatives.SymbolicZero):
     g = jnp.zeros(sel.shape, jnp.float32)
-  x_sel = (sel - _per_channel(mean)) * _per_channel(rstd)
-  g_pre = jnp.where(x_sel * _per_channel(scale) + _per_channel(bias) > 0, g, 0.0)
-  g_bias = g_pre.sum((0, 2, 3))
-  g_scale = (g_pre * x_sel).sum((0, 2, 3))
-  coef = jnp.stack([rstd * scale, g_bias / count, rstd * g_scale / count, mean])
-  grads = cpu_kernels.conv_pool_grads(x, kernel, g_pre, first, coef, input_grad=x_perturbed)
+  g_pre, g_scale, g_bias, coef = _bn_relu_grads(sel, g, mean, rstd, scale, bias, count)
+  grads = cpu_kernels.conv_pool_grads(x, kernel, g_pre, first, jnp.stack([*coef, mean]),
+                                      input_grad=x_perturbed)
   d_kernel, d_x = grads if x_perturbed else (grads, None)
   return d_x, d_kernel, g_scale, g_bias
 
@@ -658,9 +669,8 @@ def stem_bn_relu_pool_eval(x, kernel, scale, bias, mean, var, chunk: int = 4):
     return _stem_pool(jnp.dot(ws.T, stem_patches(xc)).reshape(4, co, -1), scale)
 
   sel = _in_lanes(pooled, x.reshape(b // cb, cb, h, w, ci), _EVAL_STEM_LANES)  # [nc, co, Nc]
-  rstd = lax.rsqrt(var + _BN_EPSILON)
-  pre = (sel - mean[:, None]) * rstd[:, None] * scale[:, None] + bias[:, None]
-  out = nn.relu(pre).reshape(b // cb, co, cb, h2, w2).transpose(0, 2, 3, 4, 1)
+  out = _bn_relu(sel, mean, lax.rsqrt(var + _BN_EPSILON), scale, bias)
+  out = out.reshape(b // cb, co, cb, h2, w2).transpose(0, 2, 3, 4, 1)
   return out.reshape(b, h2, w2, co)
 
 
