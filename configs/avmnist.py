@@ -163,7 +163,7 @@ def get_config(arg=None):
   config.model.fusion = fusion
   config.model.fusion_kwargs = ml_collections.ConfigDict(
       {"rank": 40, "output_dim": 120} if fusion == "lrtf" else {})
-  config.model.encoders = ml_collections.ConfigDict({"image": "lenet", "audio": "lenet"})
+  config.model.encoders = "image=lenet,audio=lenet"
   config.model.encoder_kwargs = ml_collections.ConfigDict({
       "image": {"channels": 3, "num_blocks": 3}, "audio": {"channels": 3, "num_blocks": 5}})
   config.model.joint_encoder_kwargs = ml_collections.ConfigDict({

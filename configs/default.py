@@ -22,16 +22,30 @@ def get_config():
   config.eval_every_steps = -1     # <= 0: once per epoch
   config.checkpoint_every_steps = -1  # <= 0: at every evaluation
   config.keep_checkpoints = 2      # latest N kept, plus the best on validation
-  config.selection_metric = "accuracy"  # validation metric that picks the best checkpoint
+  # The validation metric that picks the best checkpoint, in the task's direction (nll and ece
+  # lower is better); '' is the task's own: accuracy, auroc (multilabel), vqa_score (soft labels).
+  config.selection_metric = ""
   config.early_stopping_patience = -1   # evaluations without a gain before stopping; <= 0: never
   config.parallel = "jit"          # 'jit' (Mesh + NamedSharding) or 'pmap'
   # results.json: test metrics with each modality missing (product of the experts not reading it)
   config.eval_missing_modalities = True
 
+  # What is predicted (i2m2_jax/tasks.py): '' for the data set's default, or multiclass |
+  # multilabel | soft_label.
+  config.task = ml_collections.ConfigDict()
+  config.task.name = ""
+  # multilabel: '' (none), 'balanced' (from training-label frequencies), 'w0,w1' (every label)
+  # or 'w0,w1;w0,w1;...' (one pair per label).
+  config.task.class_weights = ""
+  config.task.loss = "vqa_bce"     # soft_label: vqa_bce (the official VQA recipe) | soft_ce
+
   config.optimizer = ml_collections.ConfigDict()
   config.optimizer.name = "adamw"  # adamw | sgd | rmsprop
   config.optimizer.learning_rate = 1e-3
   config.optimizer.weight_decay = 1e-4
+  config.optimizer.beta1 = 0.9     # adamw
+  config.optimizer.beta2 = 0.999   # adamw
+  config.optimizer.eps = 1e-8      # adamw
   config.optimizer.momentum = 0.0  # sgd only
   config.optimizer.grad_clip_norm = 8.0  # global norm over all experts; <= 0: none
   config.optimizer.schedule = "cosine"   # cosine | constant
@@ -42,13 +56,17 @@ def get_config():
   config.model.modality = ""       # the modality of kind 'uni'
   config.model.fusion = "late_fusion"  # the joint expert's fusion: late_fusion | lrtf
   config.model.fusion_kwargs = ml_collections.ConfigDict()  # e.g. {'rank': 40} for lrtf
-  config.model.encoders = ml_collections.ConfigDict()        # modality -> encoder name
+  # modality -> encoder name, as 'image=cnn,audio=mlp' (settable from the command line).
+  config.model.encoders = ""
   config.model.encoder_kwargs = ml_collections.ConfigDict()  # modality -> encoder arguments
   config.model.joint_encoder_kwargs = ml_collections.ConfigDict()  # same, for the joint expert
+  # Which input keys each expert reads, 'uni_image=image,uni_text=text,joint=fused' ('+' joins
+  # several keys); '' for the default: uni_<m> reads m, joint reads every modality.
+  config.model.expert_inputs = ""
   config.model.head_hidden = (128,)
   config.model.dropout_rate = 0.0
-  # How the classifier is computed: 'plain' (the modules of i2m2_jax/models.py) or 'fast'
-  # (i2m2_jax/fast_models.py: LeNet experts only, same function and variables, faster).
+  # How the classifier is computed: 'plain' (the modules of i2m2_jax/modules.py) or 'fast'
+  # (i2m2_jax/fast/: LeNet experts only, same function and variables, faster on CPU).
   config.model.implementation = "plain"
   # Activations in 'float32' or 'bfloat16' (mixed precision: parameters, optimiser state, BatchNorm
   # statistics and the product of experts stay float32). bfloat16 is for GPUs/TPUs, plain only.
@@ -64,6 +82,7 @@ def get_config():
   config.data.standardize = True   # inputs standardised with training-split statistics
   # The train and val splits are read into host memory once when each is at most this many GiB
   # (decoding array_record at every batch cannot keep a GPU busy); <= 0: always from the files.
+  # The one in-memory setting (datasets.load_dataset applies it).
   config.data.in_memory_max_gb = 4.0
   return config
 

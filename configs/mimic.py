@@ -129,8 +129,7 @@ def get_config(arg=None):
   config.model.kind = kind
   config.model.modality = modality
   config.model.fusion = "late_fusion"
-  config.model.encoders = ml_collections.ConfigDict(
-      {"static": "mlp_raw", "timeseries": "gru_linear"})
+  config.model.encoders = "static=mlp_raw,timeseries=gru_linear"
   config.model.encoder_kwargs = ml_collections.ConfigDict({
       "static": {"features": (10, 10)},
       "timeseries": {"hidden": 30, "per_step_features": 15}})

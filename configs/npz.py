@@ -2,11 +2,11 @@
 
 `--config.data.path=DIR` names a folder with train.npz and test.npz (optionally val.npz; otherwise
 `val_fraction` of train is held out, stratified, seeded by `split_seed`). Each file holds `label`
-(integers 0..C-1, shape [N]) and one array per modality under any other key: vectors [N, D]
-(MLP encoder), sequences [N, T, F] (GRU), images [N, H, W, C] (CNN); float32 or uint8. To pick
-other encoders, write a config file that imports this one and sets
-`config.model.encoders.<modality> = 'conv1d'` (and `config.model.encoder_kwargs.<modality>`): the
-modality names are your keys, which a command-line override cannot add.
+(integers 0..C-1, shape [N]; or [N, L] binary labels; or float `scores` [N, C]) and one array
+per modality under any other key: vectors [N, D] (MLP encoder), sequences [N, T, F] (GRU),
+images [N, H, W, C] (CNN); float32 or uint8. Other encoders from the command line:
+`--config.model.encoders=seq=conv1d,img=mlp` (arguments per modality in a config file,
+`config.model.encoder_kwargs.<modality>`).
 
 Length: 20 epochs of batch 128, clipped to 500..50000 steps, which suits 1k to 1M examples.
 
@@ -30,7 +30,7 @@ def get_config(arg=None):
   config.data.val_fraction = 0.1  # held out of train.npz when there is no val.npz
   config.data.split_seed = 0
   config.data.num_classes = -1    # <= 0: max(train label) + 1
-  config.data.in_memory_max_mb = 512  # splits up to this size are read into RAM once
+  config.data.label_names = ""    # multilabel: names of the L labels, 'a,b,c'
 
   config.batch_size = 128
   config.eval_batch_size = 256

@@ -7,7 +7,7 @@ Each checkpoint `<directory>/<step>/` is a Composite of two items:
 
 Retention is `AnyPreservationPolicy([LatestN(keep), BestN(n=1)])` on the validation metric given to
 `save(..., metrics=)`; `best_fn` is set too, without which Orbax neither writes the metrics to disk
-nor tracks the best step (jax-stack.md, section 3). Saves are asynchronous: call `wait()` or
+nor tracks the best step. Saves are asynchronous: call `wait()` or
 `close()` (or use `with`) before reading the files.
 
 A half-written checkpoint is never picked up: Orbax writes into `<step>.orbax-checkpoint-tmp*` and
@@ -17,7 +17,12 @@ metadata file (e.g. made by hand, or left by a crash while Orbax deleted it) is 
 Every process of a multi-host job calls `save`/`restore`; Orbax coordinates the writes.
 
 `restore_expert_params` reads one expert's weights out of another run's checkpoints, read-only, for
-`config.model.init_from` (parsed by `parse_init_from`).
+`config.model.init_from` (parsed by `parse_init_from`; `load_expert_init` puts them in a state).
+
+Resuming a run (`restore_latest_complete`): the latest *complete* checkpoint is restored; a step
+that cannot be read is skipped and moved to `workdir/checkpoints_discarded/` (never deleted); a
+checkpoint whose arrays do not fit the model fails before training (`CheckpointMismatchError`,
+naming the arrays and the config fields that differ from the run that wrote it).
 """
 from __future__ import annotations
 
@@ -26,12 +31,20 @@ import os
 import re
 from typing import Any, Mapping
 
+import time
+from typing import Sequence
+
 from absl import logging
 from etils import epath
+import flax
 import jax
+from jax.experimental import multihost_utils
 import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as ocp_policies
+
+from i2m2_jax import optim
+from i2m2_jax import sharding
 
 STATE = "state"
 META = "meta"
@@ -343,3 +356,223 @@ def restore_expert_params(workdir: str, expert_name: str) -> dict[str, Any]:
                      f"{expert_name!r}; available experts: {sorted(params)}.")
   batch_stats = state.get("batch_stats") or {}
   return {"params": params[expert_name], "batch_stats": batch_stats.get(expert_name, {})}
+
+
+def load_expert_init(state, init_from: str, mesh: jax.sharding.Mesh):
+  """Replaces experts' parameters (and BatchNorm statistics) with those of other runs' best
+  checkpoints, from config.model.init_from = "expert=workdir,...". Shapes must match."""
+  params = flax.core.unfreeze(jax.device_get(state.params))
+  batch_stats = flax.core.unfreeze(jax.device_get(state.batch_stats or {}))
+  for expert, workdir in parse_init_from(init_from).items():
+    if expert not in params:
+      raise ValueError(f"config.model.init_from names expert {expert!r}, which this model does "
+                       f"not have; its experts are {sorted(params)}.")
+    loaded = restore_expert_params(workdir, expert)
+    check_same_shapes(params[expert], loaded["params"],
+                      f"config.model.init_from: {workdir} ({expert} params)")
+    params[expert] = loaded["params"]
+    if expert in batch_stats:
+      check_same_shapes(batch_stats[expert], loaded.get("batch_stats") or {},
+                        f"config.model.init_from: {workdir} ({expert} batch_stats)")
+      batch_stats[expert] = loaded["batch_stats"]
+    logging.info("Initialised expert %s from %s.", expert, workdir)
+  repl = sharding.replicated(mesh)
+  params = jax.device_put(jax.tree.map(np.asarray, params), repl)
+  batch_stats = jax.device_put(jax.tree.map(np.asarray, batch_stats), repl)
+  # The optimiser starts afresh for the loaded parameters, as in the paper's fine-tuning stage.
+  return state.replace(params=params, batch_stats=batch_stats,
+                       opt_state=jax.jit(state.tx.init, out_shardings=repl)(params))
+
+
+# ------------------------------------------------------------------------------------------
+# Compatibility of checkpoints with the model
+
+
+class CheckpointMismatchError(ValueError):
+  """A checkpoint's arrays do not fit the model built from the config."""
+
+
+def _key_name(key) -> str:
+  for attr in ("key", "name", "idx"):
+    if hasattr(key, attr):
+      return str(getattr(key, attr))
+  return str(key)
+
+
+def leaf_shapes(tree) -> dict[str, tuple[tuple[int, ...], str]]:
+  """'a/b/c' path -> (shape, dtype) of every array leaf of `tree` (arrays, ShapeDtypeStructs or
+  Orbax array metadata); dicts, sequences, dataclasses and NamedTuples give the same paths."""
+  out = {}
+  for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+    shape = tuple(int(d) for d in (leaf.shape if hasattr(leaf, "shape") else np.shape(leaf)))
+    dtype = leaf.dtype if hasattr(leaf, "dtype") else np.asarray(leaf).dtype
+    try:
+      dtype = np.dtype(dtype).name
+    except TypeError:
+      dtype = str(dtype)
+    out["/".join(_key_name(k) for k in path)] = (shape, dtype)
+  return out
+
+
+def describe_shape_differences(expected: Mapping[str, Any], found: Mapping[str, Any],
+                               limit: int = 6) -> list[str]:
+  """Human-readable differences between two `leaf_shapes` results (model vs checkpoint)."""
+  def fmt(entry):
+    return f"{entry[0]} {entry[1]}"
+  diffs = []
+  # Parameters first: the optimiser state mirrors them.
+  for key in sorted(set(expected) | set(found), key=lambda k: (not k.startswith("params"), k)):
+    if key not in found:
+      diffs.append(f"{key} is missing in the checkpoint (model: {fmt(expected[key])})")
+    elif key not in expected:
+      diffs.append(f"{key} {fmt(found[key])} is in the checkpoint but not in the model")
+    elif tuple(expected[key]) != tuple(found[key]):
+      diffs.append(f"{key} has {fmt(found[key])} in the checkpoint but {fmt(expected[key])} in "
+                   f"the model")
+  if len(diffs) > limit:
+    diffs = diffs[:limit] + [f"... and {len(diffs) - limit} more"]
+  return diffs
+
+
+def check_same_shapes(expected, got, where: str):
+  diffs = describe_shape_differences(leaf_shapes(expected), leaf_shapes(got))
+  if diffs:
+    raise CheckpointMismatchError(f"Checkpoint {where} does not match the model: "
+                                  f"{'; '.join(diffs)}.")
+
+
+def _flat_dict(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+  out = {}
+  for k, v in tree.items():
+    if isinstance(v, Mapping):
+      out.update(_flat_dict(v, f"{prefix}{k}."))
+    else:
+      out[f"{prefix}{k}"] = v
+  return out
+
+
+def config_differences(now: Mapping[str, Any], saved: Mapping[str, Any],
+                       limit: int = 8) -> list[str]:
+  """'field: now X, checkpoint Y' for every config field that differs (model fields first)."""
+  now = _flat_dict(to_json(now))
+  saved = _flat_dict(to_json(saved))
+  absent = "<absent>"
+  keys = [k for k in sorted(set(now) | set(saved)) if now.get(k, absent) != saved.get(k, absent)]
+  keys.sort(key=lambda k: (not k.startswith("model."), not k.startswith("data."), k))
+  diffs = [f"config.{k}: now {now.get(k, absent)!r}, checkpoint {saved.get(k, absent)!r}"
+           for k in keys]
+  if len(diffs) > limit:
+    diffs = diffs[:limit] + [f"... and {len(diffs) - limit} more"]
+  return diffs
+
+
+# ------------------------------------------------------------------------------------------
+# Resuming a run
+
+
+def saved_config(ckpt: Checkpointer, step: int) -> dict[str, Any]:
+  try:
+    return ckpt.restore_meta(step).get("config") or {}
+  except Exception:  # pylint: disable=broad-except
+    return {}
+
+
+def open_checkpointer(config, workdir: str, best_metric: str, best_mode: str) -> Checkpointer:
+  return Checkpointer(checkpoint_dir(workdir), keep=config.keep_checkpoints,
+                      best_metric=best_metric, best_mode=best_mode)
+
+
+def all_finite(tree) -> bool:
+  return not float(sharding.to_host(jax.jit(optim.any_nonfinite)(tree)))
+
+
+def move_aside(directory: str, steps: Sequence[int], workdir: str) -> str:
+  """Moves step directories out of the checkpoint directory (process 0; all processes wait)."""
+  dest = epath.Path(workdir) / "checkpoints_discarded"
+  if jax.process_index() == 0:
+    dest.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    for s in steps:
+      src = epath.Path(directory) / str(s)
+      if src.exists():
+        target, n = dest / f"{s}-{stamp}", 0
+        while target.exists():
+          n += 1
+          target = dest / f"{s}-{stamp}-{n}"
+        src.rename(target)
+  multihost_utils.sync_global_devices("broken checkpoints moved aside")
+  return str(dest)
+
+
+def restore_latest_complete(config, workdir: str, state: Any, *, best_metric: str,
+                            best_mode: str) -> tuple[Checkpointer, int, Any, dict]:
+  """Opens workdir's checkpoints (the best one ranked by `best_metric`, higher is better when
+  `best_mode` is 'max') and restores the latest complete one into `state`'s structure.
+
+  Returns (checkpointer, step, state, meta); step 0 (and `state` untouched) when there is none.
+  A step that cannot be read (missing metadata, truncated or missing array files, non-finite
+  parameters) is skipped, and the run resumes from the previous one; such steps after it are
+  moved to `workdir/checkpoints_discarded/` (they would block later saves), and the log says
+  so. Raises CheckpointMismatchError, naming the arrays and the config fields that differ, when
+  a readable checkpoint does not fit the model; RuntimeError when checkpoints exist but none can
+  be restored (nothing is moved then).
+  """
+  ckpt = open_checkpointer(config, workdir, best_metric, best_mode)
+  wanted = leaf_shapes(state)
+  broken: dict[int, str] = {}
+  start, restored, meta = 0, state, {}
+  for step in reversed(ckpt.all_steps()):
+    try:
+      saved = leaf_shapes(ckpt.state_metadata(step))
+    except Exception as e:  # pylint: disable=broad-except
+      broken[step] = f"{type(e).__name__}: {str(e)[:200].rstrip('.')}"
+      continue
+    diffs = describe_shape_differences(wanted, saved)
+    if diffs:
+      config_diffs = config_differences(config.to_dict(), saved_config(ckpt, step))
+      ckpt.close()
+      raise CheckpointMismatchError(
+          f"The checkpoint at step {step} in {ckpt.directory} does not match the model and "
+          f"optimiser built from the config. Config fields that differ from the run that wrote "
+          f"it: {'; '.join(config_diffs) or 'none'}. Arrays that differ: {'; '.join(diffs)}. A "
+          f"workdir holds one model: use another --workdir, or that run's config.")
+    try:
+      candidate = ckpt.restore(step, state)
+      candidate_meta = ckpt.restore_meta(step)
+    except Exception as e:  # pylint: disable=broad-except
+      broken[step] = f"{type(e).__name__}: {str(e)[:200].rstrip('.')}"
+      continue
+    if not all_finite((candidate.params, candidate.batch_stats, candidate.opt_state)):
+      broken[step] = "non-finite parameters"
+      continue
+    start, restored, meta = step, candidate, candidate_meta
+    break
+  if broken and not start:
+    ckpt.close()
+    raise RuntimeError(
+        f"Checkpoints exist in {ckpt.directory} but none can be restored: "
+        + "; ".join(f"step {s}: {why}" for s, why in sorted(broken.items()))
+        + ". Move the directory away to start afresh.")
+  agreed = int(multihost_utils.broadcast_one_to_all(np.int32(start)))
+  if agreed != start:
+    raise RuntimeError(f"Process {jax.process_index()} would resume from step {start} but "
+                       f"process 0 from step {agreed}: the checkpoint directory reads differently.")
+  stale = sorted(s for s in set(broken) | set(ckpt.unfinished_steps) if s > start)
+  if stale:
+    directory = ckpt.directory
+    ckpt.close()
+    moved_to = move_aside(directory, stale, workdir)
+    reasons = "; ".join(f"step {s}: {broken.get(s, 'unfinished (no Orbax metadata)')}"
+                        for s in stale)
+    logging.warning("Resuming from step %d, the latest complete checkpoint in %s: later step(s) "
+                    "%s are incomplete or unreadable (%s) and were moved to %s.", start,
+                    directory, stale, reasons, moved_to)
+    ckpt = open_checkpointer(config, workdir, best_metric, best_mode)
+  elif start:
+    logging.info("Resumed from step %d in %s.", start, ckpt.directory)
+  if start and meta.get("config"):
+    changed = config_differences(config.to_dict(), meta["config"])
+    if changed:  # e.g. another seed or batch size: the run is no longer the interrupted one
+      logging.warning("Resuming step %d with a config that differs from the one that saved it: "
+                      "%s.", start, "; ".join(changed))
+  return ckpt, start, restored, meta

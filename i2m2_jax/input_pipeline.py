@@ -1,9 +1,10 @@
 """Batches for the trainer from random-access sources (tfds data sources or in-memory arrays).
 
 A batch is {'inputs': {modality: np.ndarray [B_local, ...] in the stored dtype},
-'label': np.int32 [B_local], 'mask': np.bool_ [B_local]}, where B_local is the per-process
-batch size. A source is anything with `len` and `source[i] -> {modality: array, 'label': int}`
-(a tfds data source, an `InMemorySource`, a list of dicts).
+target key: its array, 'mask': np.bool_ [B_local]}, where B_local is the per-process batch size
+and the targets are those the task reads ('label' as int32 [B_local] or [B_local, L], 'scores' as
+float32 [B_local, C]). A source is anything with `len` and `source[i] -> {modality: array,
+target key: value}` (a tfds data source, an `InMemorySource`, a list of dicts).
 
 * `train_batches`: an endless, shuffled stream built with grain, deterministic in (seed, step):
   restarting at `start_step=k` yields exactly the batches an uninterrupted run yields from step k.
@@ -36,6 +37,7 @@ import numpy as np
 
 Batch = dict[str, Any]
 _ENDLESS = 2 ** 62  # steps of the training stream
+TARGET_DTYPES = {"label": np.int32, "scores": np.float32}  # as batches carry them
 
 
 class InMemorySource(Sequence):
@@ -71,7 +73,8 @@ class InMemorySource(Sequence):
     index = int(index)
     if not -self._length <= index < self._length:
       raise IndexError(f"index {index} out of range for {self._length} examples")
-    return {k: (int(v[index]) if k == "label" else v[index]) for k, v in self.columns.items()}
+    return {k: (int(v[index]) if k == "label" and v.ndim == 1 else v[index])
+            for k, v in self.columns.items()}
 
   def __getitems__(self, indices: Sequence[int]) -> list[dict[str, Any]]:
     return [self[i] for i in indices]
@@ -119,17 +122,29 @@ def read_examples(source, indices: Sequence[int]) -> list[Mapping[str, Any]]:
   return [source[i] for i in indices]
 
 
-def gather_batch(source, indices: Sequence[int], modalities: Sequence[str]) -> Batch:
-  """The examples at `indices` as one batch with mask all True (stored dtypes kept)."""
+def gather_batch(source, indices: Sequence[int], modalities: Sequence[str],
+                 targets: Sequence[str] = ("label",)) -> Batch:
+  """The examples at `indices` as one batch with mask all True (modalities in their stored
+  dtypes, targets in TARGET_DTYPES)."""
   if isinstance(source, InMemorySource):
     idx = np.asarray(indices, dtype=np.int64)
-    inputs = {m: source.columns[m][idx] for m in modalities}
-    labels = source.columns["label"][idx].astype(np.int32)
+    columns = {k: source.columns[k][idx] for k in (*modalities, *targets)}
   else:
     examples = read_examples(source, indices)
-    inputs = {m: np.stack([np.asarray(ex[m]) for ex in examples]) for m in modalities}
-    labels = np.asarray([int(ex["label"]) for ex in examples], dtype=np.int32)
-  return {"inputs": inputs, "label": labels, "mask": np.ones(len(labels), dtype=np.bool_)}
+    columns = {k: np.stack([np.asarray(ex[k]) for ex in examples]) for k in (*modalities, *targets)}
+  batch = {"inputs": {m: columns[m] for m in modalities},
+           "mask": np.ones(len(indices), dtype=np.bool_)}
+  batch.update({k: columns[k].astype(TARGET_DTYPES[k], copy=False) for k in targets})
+  return batch
+
+
+def read_column(source, key: str, chunk_size: int = 4096) -> np.ndarray:
+  """One key of every example of `source`, stacked [N, ...] (from memory when it is there)."""
+  if isinstance(source, InMemorySource):
+    return source.columns[key]
+  n = len(source)
+  return np.stack([np.asarray(ex[key]) for start in range(0, n, chunk_size)
+                   for ex in read_examples(source, range(start, min(n, start + chunk_size)))])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -201,17 +216,18 @@ class StepIndices:
 
 def train_batches(source, *, batch_size: int, seed: int, start_step: int = 0,
                   process_index: int = 0, process_count: int = 1,
-                  modalities: Sequence[str], prefetch: int = 2) -> Iterator[Batch]:
+                  modalities: Sequence[str], targets: Sequence[str] = ("label",),
+                  prefetch: int = 2) -> Iterator[Batch]:
   """Endless iterator of training batches starting at step `start_step` (for resuming).
 
   Batches are made in one background thread, `prefetch` batches ahead (0: in the caller's
   thread); no worker processes.
   """
-  modalities = tuple(modalities)
+  modalities, targets = tuple(modalities), tuple(targets)
   indices = StepIndices(len(source), batch_size=batch_size, seed=seed,
                         process_index=process_index, process_count=process_count)
   steps = grain.MapDataset.range(start_step, _ENDLESS)
-  ds = steps.map(lambda step: gather_batch(source, indices(step), modalities))
+  ds = steps.map(lambda step: gather_batch(source, indices(step), modalities, targets))
   # One thread is enough here and leaves the CPU cores to the training step.
   read_options = grain.ReadOptions(num_threads=1 if prefetch > 0 else 0,
                                    prefetch_buffer_size=max(prefetch, 0))
@@ -228,18 +244,19 @@ def num_eval_batches(num_examples: int, batch_size: int, process_count: int = 1)
 
 
 def eval_batches(source, *, batch_size: int, process_index: int = 0, process_count: int = 1,
-                 modalities: Sequence[str]) -> Iterator[Batch]:
+                 modalities: Sequence[str], targets: Sequence[str] = ("label",)
+                 ) -> Iterator[Batch]:
   """One ordered pass over this process's slices of the global batches (process p reads rows
   p*B..(p+1)*B-1 of each global batch of B*P examples), the last batch and any batch past the
   end padded with zeros and mask False."""
-  modalities = tuple(modalities)
+  modalities, targets = tuple(modalities), tuple(targets)
   n = len(source)
   for b in range(num_eval_batches(n, batch_size, process_count)):
     start = (b * process_count + process_index) * batch_size
     indices = range(min(start, n), min(start + batch_size, n))
     num_real = len(indices)
     # A shard that has run dry reads example 0 as a stand-in; it is zeroed and masked below.
-    batch = gather_batch(source, list(indices) or [0], modalities)
+    batch = gather_batch(source, list(indices) or [0], modalities, targets)
     if num_real < batch_size:
       batch = _pad(batch, num_real, batch_size)
     yield batch
@@ -253,8 +270,8 @@ def _pad(batch: Batch, num_real: int, batch_size: int) -> Batch:
     return out
   mask = np.zeros(batch_size, dtype=np.bool_)
   mask[:num_real] = True
-  return {"inputs": {m: pad(x) for m, x in batch["inputs"].items()},
-          "label": pad(batch["label"]), "mask": mask}
+  padded = {k: pad(v) for k, v in batch.items() if k not in ("inputs", "mask")}
+  return {"inputs": {m: pad(x) for m, x in batch["inputs"].items()}, **padded, "mask": mask}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -295,7 +312,7 @@ def standardization_stats(source, modalities: Sequence[str], max_examples: int =
   modalities = tuple(modalities)
   moments = {}
   for start in range(0, len(indices), chunk_size):
-    inputs = gather_batch(source, indices[start:start + chunk_size], modalities)["inputs"]
+    inputs = gather_batch(source, indices[start:start + chunk_size], modalities, ())["inputs"]
     for m in modalities:
       chunk = _chunk_moments(inputs[m])
       moments[m] = chunk if m not in moments else _merge_moments(moments[m], chunk)

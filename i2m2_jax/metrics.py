@@ -1,13 +1,14 @@
-"""Exact classification metrics from per-batch sums.
+"""Exact metrics from per-batch sums, and the rank metrics computed on the host.
 
-The jitted eval step calls `classification_sums` (jax-traceable) and returns masked SUMS, never
-means: padded examples (mask False) add nothing, so accumulating the sums of every batch with
-`add_sums` (on host, float64/int64) and then calling `summarize` gives the exact metrics of the
-whole evaluation set, however it was batched or padded.
+Jitted eval steps return masked SUMS, never means: padded examples (mask False) add nothing, so
+accumulating the sums of every batch with `add_sums` (on host, float64/int64) and dividing at the
+end gives the exact metrics of the whole evaluation set, however it was batched or padded. The
+tasks (`i2m2_jax.tasks`) build their sums from the pieces here.
 
 Calibration uses the standard 15-bin expected calibration error over the max-probability
 confidence: bin i covers (i/15, (i+1)/15], a confidence of exactly 0 falls in bin 0, and
-ECE = sum_b |acc_b - conf_b| * n_b / N.
+ECE = sum_b |acc_b - conf_b| * n_b / N. `calibration_sums` takes the correctness of each
+prediction as a number in [0, 1], so soft targets (a VQA answer's score) calibrate the same way.
 """
 from __future__ import annotations
 
@@ -34,47 +35,69 @@ def ece_bin(confidence: jax.Array) -> jax.Array:
   return jnp.sum(confidence[..., None] > _ECE_EDGES, axis=-1).astype(jnp.int32)
 
 
+def calibration_sums(confidence: jax.Array, correctness: jax.Array,
+                     mask: jax.Array) -> dict[str, jax.Array]:
+  """The calibration histogram of predictions of any shape [...] (flattened): per bin the count
+  (`ece_count`, int32 [15]), the summed confidence and the summed correctness (float32 [15]).
+  `mask` broadcasts to the predictions' shape ([B, 1] for [B, L]); masked predictions add
+  nothing, even NaN ones."""
+  shape = jnp.shape(confidence)
+  confidence = jnp.ravel(confidence).astype(jnp.float32)
+  correctness = jnp.ravel(correctness).astype(jnp.float32)
+  mask = jnp.ravel(jnp.broadcast_to(mask, shape))
+  # where (not multiplication) so that NaN/inf in padded rows cannot leak into the sums.
+  in_bin = jax.nn.one_hot(ece_bin(confidence), ECE_BINS, dtype=bool) & mask[:, None]
+  return {
+      "ece_count": jnp.sum(in_bin, axis=0, dtype=jnp.int32),
+      "ece_conf_sum": jnp.sum(jnp.where(in_bin, confidence[:, None], 0.0), axis=0),
+      "ece_correct_sum": jnp.sum(jnp.where(in_bin, correctness[:, None], 0.0), axis=0),
+  }
+
+
+def ece(sums: Mapping[str, Any]) -> float:
+  """ECE from accumulated `calibration_sums`; NaN with no prediction."""
+  gaps = np.abs(np.asarray(sums["ece_correct_sum"], np.float64)
+                - np.asarray(sums["ece_conf_sum"], np.float64))  # = |acc_b - conf_b| * n_b
+  return ratio(gaps.sum(), np.sum(sums["ece_count"]))
+
+
 def classification_sums(log_probs: jax.Array, labels: jax.Array, mask: jax.Array | None = None,
                         expert_logits: Mapping[str, jax.Array] | None = None
                         ) -> dict[str, jax.Array]:
-  """Masked sums over a batch, for exact metrics over padded batches.
+  """Masked sums of single-label predictions, for exact metrics over padded batches.
 
   Args:
-    log_probs: [B, C] log-probabilities of the combined model (e.g. the product of experts).
-    labels: [B] integer labels.
+    log_probs: [..., C] log-probabilities of the combined model (e.g. the product of experts).
+    labels: [...] integer labels.
     mask: [B] booleans, False for padding (None: every example counts). Padded rows may hold
       anything, NaN included.
-    expert_logits: optional {name: [B, C] logits} of each expert, for per-expert accuracy.
+    expert_logits: optional {name: [..., C] logits} of each expert, for per-expert accuracy.
 
   Returns:
-    A flat dict: `count`, `correct`, `expert_correct/<name>` (int32 scalars), `nll_sum` (float32)
-    and the calibration histogram per bin: `ece_count` and `ece_correct_sum` (int32 [15]) and
-    `ece_conf_sum` (float32 [15]).
+    A flat dict: `count` (examples), `correct` and `expert_correct/<name>` (int32, per position
+    of labels' trailing axes), `nll_sum` (float32, same shape) and the calibration histogram over
+    every prediction (`calibration_sums`).
   """
   labels = jnp.asarray(labels).astype(jnp.int32)
-  mask = jnp.ones(labels.shape, bool) if mask is None else jnp.asarray(mask).astype(bool)
+  mask = (jnp.ones(labels.shape[:1], bool) if mask is None else jnp.asarray(mask).astype(bool))
+  row_mask = mask.reshape(mask.shape + (1,) * (labels.ndim - 1))
   log_probs = jnp.asarray(log_probs, jnp.float32)
 
-  label_log_prob = jnp.take_along_axis(log_probs, labels[:, None], axis=-1)[:, 0]
-  correct = (jnp.argmax(log_probs, axis=-1) == labels) & mask
-  confidence = jnp.exp(jnp.max(log_probs, axis=-1))
-  # where (not multiplication) so that NaN/inf in padded rows cannot leak into the sums.
-  in_bin = (jax.nn.one_hot(ece_bin(confidence), ECE_BINS, dtype=bool) & mask[:, None])
+  label_log_prob = jnp.take_along_axis(log_probs, labels[..., None], axis=-1)[..., 0]
+  correct = (jnp.argmax(log_probs, axis=-1) == labels) & row_mask
   sums = {
       "count": jnp.sum(mask, dtype=jnp.int32),
-      "correct": jnp.sum(correct, dtype=jnp.int32),
-      "nll_sum": -jnp.sum(jnp.where(mask, label_log_prob, 0.0)),
-      "ece_count": jnp.sum(in_bin, axis=0, dtype=jnp.int32),
-      "ece_conf_sum": jnp.sum(jnp.where(in_bin, confidence[:, None], 0.0), axis=0),
-      "ece_correct_sum": jnp.sum(in_bin & correct[:, None], axis=0, dtype=jnp.int32),
+      "correct": jnp.sum(correct, axis=0, dtype=jnp.int32),
+      "nll_sum": -jnp.sum(jnp.where(row_mask, label_log_prob, 0.0), axis=0),
+      **calibration_sums(jnp.exp(jnp.max(log_probs, axis=-1)), correct, row_mask),
   }
   for name, logits in (expert_logits or {}).items():
-    expert_correct = (jnp.argmax(logits, axis=-1) == labels) & mask
-    sums[EXPERT_PREFIX + name] = jnp.sum(expert_correct, dtype=jnp.int32)
+    expert_correct = (jnp.argmax(logits, axis=-1) == labels) & row_mask
+    sums[EXPERT_PREFIX + name] = jnp.sum(expert_correct, axis=0, dtype=jnp.int32)
   return sums
 
 
-def _to_host(value: Any) -> np.ndarray:
+def to_host(value: Any) -> np.ndarray:
   """float64 / int64 numpy, so that sums over many batches stay exact."""
   value = np.asarray(jax.device_get(value))
   if np.issubdtype(value.dtype, np.integer) or value.dtype == bool:
@@ -84,33 +107,34 @@ def _to_host(value: Any) -> np.ndarray:
 
 def add_sums(total: Mapping[str, Any] | None, batch: Mapping[str, Any]) -> dict[str, np.ndarray]:
   """Adds one batch's sums to the running total (None for the first batch), on host."""
-  batch = {k: _to_host(v) for k, v in batch.items()}
+  batch = {k: to_host(v) for k, v in batch.items()}
   if total is None:
     return batch
   if set(total) != set(batch):
     raise ValueError(f"Cannot add sums with different keys: {sorted(total)} vs {sorted(batch)}.")
-  return {k: _to_host(total[k]) + batch[k] for k in batch}
+  return {k: to_host(total[k]) + batch[k] for k in batch}
 
 
-def _ratio(numerator: float, count: float) -> float:
-  return float(numerator) / float(count) if count > 0 else math.nan
+def ratio(numerator: Any, count: Any) -> Any:
+  """numerator / count as floats (elementwise for arrays); NaN where count is 0."""
+  numerator, count = np.asarray(numerator, np.float64), np.asarray(count, np.float64)
+  out = np.divide(numerator, count, out=np.full(np.broadcast(numerator, count).shape, math.nan),
+                  where=count > 0)
+  return float(out) if out.ndim == 0 else out
 
 
 def summarize(sums: Mapping[str, Any]) -> dict[str, Any]:
-  """Metrics from accumulated sums: `accuracy`, `nll`, `ece`, `count` and `experts`.
-
-  `experts` maps each expert's name to its accuracy (a float). With no examples (count 0) every
-  metric is NaN.
-  """
-  sums = {k: _to_host(v) for k, v in sums.items()}
+  """Single-label metrics from accumulated `classification_sums` (no trailing label axes):
+  `accuracy`, `nll`, `ece`, `count` and `experts` (each expert's accuracy, a float). With no
+  examples (count 0) every metric is NaN."""
+  sums = {k: to_host(v) for k, v in sums.items()}
   count = int(sums["count"])
-  gaps = np.abs(sums["ece_correct_sum"] - sums["ece_conf_sum"])  # = |acc_b - conf_b| * n_b
   return {
       "count": count,
-      "accuracy": _ratio(sums["correct"], count),
-      "nll": _ratio(sums["nll_sum"], count),
-      "ece": _ratio(gaps.sum(), count),
-      "experts": {k[len(EXPERT_PREFIX):]: _ratio(v, count)
+      "accuracy": ratio(sums["correct"], count),
+      "nll": ratio(sums["nll_sum"], count),
+      "ece": ece(sums),
+      "experts": {k[len(EXPERT_PREFIX):]: ratio(v, count)
                   for k, v in sums.items() if k.startswith(EXPERT_PREFIX)},
   }
 

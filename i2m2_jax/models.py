@@ -1,201 +1,79 @@
-"""Flax modules: per-modality encoders, uni-modal and joint experts, and the I2M2 classifier.
+"""Models from configs: the registries of encoders and fusions, which experts a model kind has
+and which inputs each reads, and `build_model`.
 
-Everything here is a pure flax.linen module, usable on its own in other JAX code:
+The modules themselves live in `i2m2_jax.modules` (generic encoders, experts, the classifier) and
+`i2m2_jax.paper_models` (the paper's LeNet, GRU and low-rank tensor fusion); this module imports
+both and is imported by neither, so there is no import cycle. The fast CPU implementation of the
+AV-MNIST models (`i2m2_jax.fast`) is imported only when `config.model.implementation='fast'`.
 
-* an *encoder* maps one modality's batch [B, ...] to features [B, F] (`__call__(x, train)`);
-* an *expert* maps the dict of all modalities to logits [B, C]: `UniModalExpert` reads one
-  modality, `LateFusionExpert` (the paper's LF joint model) concatenates the features of its own
-  per-modality encoders and applies an MLP head;
-* `MultiModalClassifier` runs a set of named experts and combines them with the normalised product
-  of experts. The model kinds of the paper are choices of that set (see `expert_names`).
-
-`build_model(model_config, spec)` turns a config and a dataset's modality shapes into a classifier.
+Expert names are `uni_<modality>` and `joint` in every model kind, so a `uni` run's expert
+initialises the same expert inside `intra` or `i2m2` (config.model.init_from). `expert_layout` is
+the one place that says which experts a model has and which input keys each reads; the trainer,
+the evaluation of missing modalities and the fast implementation all ask it.
 """
 from __future__ import annotations
 
+import dataclasses
+import functools
+import importlib
 from typing import Any, Callable, Mapping, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from i2m2_jax.combine import product_of_experts
+from i2m2_jax import modules
+from i2m2_jax import paper_models
 
 MODEL_KINDS = ("i2m2", "intra", "inter", "uni")
 JOINT = "joint"
+UNI_PREFIX = "uni_"
 
-
-def uni_expert_name(modality: str) -> str:
-  return f"uni_{modality}"
-
-
-def expert_names(kind: str, modalities: Sequence[str], modality: str = "") -> tuple[str, ...]:
-  """The experts that make up a model kind, in a fixed order: uni-modal ones first, then joint."""
-  if kind == "i2m2":
-    return tuple(uni_expert_name(m) for m in modalities) + (JOINT,)
-  if kind == "intra":
-    return tuple(uni_expert_name(m) for m in modalities)
-  if kind == "inter":
-    return (JOINT,)
-  if kind == "uni":
-    if modality not in modalities:
-      raise ValueError(f"config.model.modality={modality!r} is not a modality of this data set; "
-                       f"expected one of {list(modalities)}.")
-    return (uni_expert_name(modality),)
-  raise ValueError(f"config.model.kind={kind!r} is unknown; expected one of {list(MODEL_KINDS)}.")
-
-
-def expert_modalities(name: str, modalities: Sequence[str]) -> tuple[str, ...]:
-  """Which modalities an expert reads: the joint expert all of them, `uni_<m>` just m."""
-  if name == JOINT:
-    return tuple(modalities)
-  return (name[len("uni_"):],)
-
-
-# ---------------------------------------------------------------------------------------------
-# Encoders
-
-
-class MLP(nn.Module):
-  """Dense layers with ReLU between them (none after the last): the paper's MLP(in, hid, out)."""
-  features: Sequence[int]
-  dropout_rate: float = 0.0
-
-  @nn.compact
-  def __call__(self, x, train: bool = False):
-    for i, width in enumerate(self.features):
-      x = nn.Dense(width, name=f"dense_{i}")(x)
-      if i < len(self.features) - 1:
-        x = nn.relu(x)
-        if self.dropout_rate:
-          x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
-    return x
-
-
-class MLPEncoder(nn.Module):
-  """Vectors [B, D] (or anything, flattened) -> features: Dense + ReLU layers."""
-  features: Sequence[int] = (128, 128)
-  dropout_rate: float = 0.0
-
-  @nn.compact
-  def __call__(self, x, train: bool = False):
-    x = x.reshape(x.shape[0], -1)
-    return nn.relu(MLP(tuple(self.features), self.dropout_rate, name="mlp")(x, train))
-
-
-class GRUEncoder(nn.Module):
-  """Sequences [B, T, F] -> the final hidden state of a one-layer GRU [B, hidden]."""
-  hidden: int = 64
-
-  @nn.compact
-  def __call__(self, x, train: bool = False):
-    del train
-    return nn.RNN(nn.GRUCell(self.hidden, parent=None), name="gru")(x)[:, -1]
-
-
-class Conv1DEncoder(nn.Module):
-  """Sequences [B, T, F] -> features: 1-D convolutions + ReLU, then mean over time."""
-  features: Sequence[int] = (64, 64)
-  kernel_size: int = 5
-
-  @nn.compact
-  def __call__(self, x, train: bool = False):
-    del train
-    for i, width in enumerate(self.features):
-      x = nn.relu(nn.Conv(width, (self.kernel_size,), name=f"conv_{i}")(x))
-    return x.mean(axis=1)
-
-
-class CNNEncoder(nn.Module):
-  """Images [B, H, W, C] -> features: 3x3 conv + ReLU (+ 2x2 max-pool while the image is larger
-  than 4 pixels) per stage, then global average pooling."""
-  features: Sequence[int] = (32, 64)
-
-  @nn.compact
-  def __call__(self, x, train: bool = False):
-    del train
-    for i, width in enumerate(self.features):
-      x = nn.relu(nn.Conv(width, (3, 3), name=f"conv_{i}")(x))
-      if min(x.shape[1:3]) > 4:
-        x = nn.max_pool(x, (2, 2), strides=(2, 2))
-    return x.mean(axis=(1, 2))
-
-
-# name -> encoder class; config strings select from it. Other modules register more encoders.
+# name -> encoder class (config.model.encoders selects from it).
 ENCODERS: dict[str, Callable[..., nn.Module]] = {
-    "mlp": MLPEncoder,
-    "gru": GRUEncoder,
-    "conv1d": Conv1DEncoder,
-    "cnn": CNNEncoder,
+    "mlp": modules.MLPEncoder,
+    "gru": modules.GRUEncoder,
+    "conv1d": modules.Conv1DEncoder,
+    "cnn": modules.CNNEncoder,
+    # The paper's (MultiBench's) encoders: AV-MNIST LeNet; MIMIC GRUWithLinear, GRU and MLP.
+    "lenet": paper_models.LeNet,
+    "gru_linear": paper_models.GRUSequenceEncoder,
+    "gru_all_states": functools.partial(paper_models.GRUSequenceEncoder, per_step_features=0),
+    "mlp_raw": paper_models.MLPRawEncoder,
 }
 
 # The default encoder for a modality by the rank of one example: vector, sequence, image.
 DEFAULT_ENCODER_BY_RANK = {1: "mlp", 2: "gru", 3: "cnn"}
 
+# name -> joint-expert class, built as cls(encoders=((key, encoder), ...), head=...,
+# dropout_rate=..., **config.model.fusion_kwargs).
+FUSIONS: dict[str, Callable[..., nn.Module]] = {
+    "late_fusion": modules.LateFusionExpert,
+    "lrtf": paper_models.LowRankTensorFusionExpert,
+}
 
-def register_encoder(name: str, factory: Callable[..., nn.Module]) -> None:
-  if name in ENCODERS and ENCODERS[name] is not factory:
-    raise ValueError(f"An encoder named {name!r} is registered already.")
-  ENCODERS[name] = factory
-
-
-# ---------------------------------------------------------------------------------------------
-# Experts
-
-
-class UniModalExpert(nn.Module):
-  """q(y | x_m): one modality's encoder followed by an MLP head."""
-  modality: str
-  encoder: nn.Module
-  head: Sequence[int]  # hidden widths then num_classes
-  dropout_rate: float = 0.0
-
-  @nn.compact
-  def __call__(self, inputs: Mapping[str, jax.Array], train: bool = False):
-    features = self.encoder(inputs[self.modality], train)  # a module field: named "encoder"
-    return MLP(tuple(self.head), self.dropout_rate, name="head")(features, train)
+IMPLEMENTATIONS = ("plain", "fast")
 
 
-class LateFusionExpert(nn.Module):
-  """q(y | x_1, ..., x_M): its own encoder per modality, features concatenated, MLP head (LF)."""
-  encoders: Sequence[tuple[str, nn.Module]]  # (modality, encoder) pairs, concatenated in order
-  head: Sequence[int]
-  dropout_rate: float = 0.0
-
-  @nn.compact
-  def __call__(self, inputs: Mapping[str, jax.Array], train: bool = False):
-    features = [enc.clone(name=f"encoder_{m}", parent=self)(inputs[m], train)
-                for m, enc in self.encoders]
-    return MLP(tuple(self.head), self.dropout_rate, name="head")(
-        jnp.concatenate(features, axis=-1), train)
+def uni_expert_name(modality: str) -> str:
+  return f"{UNI_PREFIX}{modality}"
 
 
-class MultiModalClassifier(nn.Module):
-  """Named experts combined by the normalised product of experts.
-
-  Returns {'log_probs': [B, C] of the product, 'expert_logits': {name: [B, C]}}. With one expert
-  the product is that expert's log-softmax, so the same module serves every model kind.
-  `present` (optional, bool [E] or [B, E] in expert order) drops experts from the product.
-  """
-  experts: Sequence[tuple[str, nn.Module]]
-
-  @nn.compact
-  def __call__(self, inputs: Mapping[str, jax.Array], train: bool = False,
-               present: jax.Array | None = None) -> dict[str, Any]:
-    logits = {name: expert.clone(name=name, parent=self, _deep_clone=True)(inputs, train)
-              for name, expert in self.experts}
-    return {"log_probs": product_of_experts(logits, present), "expert_logits": logits}
-
-
-# ---------------------------------------------------------------------------------------------
-# Building from a config
-
-
-def _config_entry(config_dict, key: str, default=None):
-  """config_dict[key] for a ConfigDict, a plain dict or None."""
-  if not config_dict:
-    return default
-  return config_dict.get(key, default)
+def config_mapping(value: Any, field: str) -> dict[str, Any]:
+  """A config field that maps names to values, given as a ConfigDict/dict or, from the command
+  line (where a ConfigDict cannot gain keys), as 'name=value,name=value'."""
+  if not value:
+    return {}
+  if isinstance(value, str):
+    out = {}
+    for entry in value.split(","):
+      name, sep, item = (part.strip() for part in entry.partition("="))
+      if not sep or not name or not item:
+        raise ValueError(f"{field}={value!r}: entry {entry.strip()!r} is not of the form "
+                         f"'name=value' (entries separated by commas).")
+      out[name] = item
+    return out
+  return dict(value.to_dict() if hasattr(value, "to_dict") else value)
 
 
 def _as_kwargs(config_dict) -> dict[str, Any]:
@@ -205,65 +83,156 @@ def _as_kwargs(config_dict) -> dict[str, Any]:
   return dict(config_dict.to_dict() if hasattr(config_dict, "to_dict") else config_dict)
 
 
-def _encoder_for(modality: str, shape: Sequence[int], model_config, joint: bool) -> nn.Module:
-  """The encoder of one modality: config.model.encoders[modality], else the default for the
-  example's rank, with config.model.encoder_kwargs[modality] (for the joint expert
-  joint_encoder_kwargs[modality] first) as its arguments."""
-  name = (_config_entry(model_config.get("encoders"), modality)
-          or DEFAULT_ENCODER_BY_RANK.get(len(shape)))
+# ---------------------------------------------------------------------------------------------
+# Which experts a model has, and what each reads
+
+
+def available_experts(model_config, input_keys: Sequence[str]) -> dict[str, tuple[str, ...]]:
+  """Every expert the data allows, name -> the input keys it reads: by default `uni_<m>` reads
+  m for each input key m and `joint` reads them all; `config.model.expert_inputs`
+  ('uni_image=image,uni_text=text,joint=fused', keys joined by '+' for an expert that reads
+  several) replaces that mapping, e.g. for precomputed features."""
+  input_keys = list(input_keys)
+  spec = config_mapping(model_config.get("expert_inputs", ""), "config.model.expert_inputs")
+  if not spec:
+    return {**{uni_expert_name(m): (m,) for m in input_keys}, JOINT: tuple(input_keys)}
+  experts = {}
+  for name, keys in spec.items():
+    keys = tuple(k.strip() for k in (keys.split("+") if isinstance(keys, str) else keys))
+    if name != JOINT and not name.startswith(UNI_PREFIX):
+      raise ValueError(f"config.model.expert_inputs names expert {name!r}; expert names are "
+                       f"'{UNI_PREFIX}<name>' (uni-modal) or '{JOINT}'.")
+    unknown = [k for k in keys if k not in input_keys]
+    if unknown or not keys:
+      raise ValueError(f"config.model.expert_inputs: expert {name!r} reads {list(keys)}, but the "
+                       f"data set's inputs are {input_keys}.")
+    experts[name] = keys
+  return dict(sorted(experts.items(), key=lambda item: item[0] == JOINT))  # uni-modal first
+
+
+def expert_layout(model_config, input_keys: Sequence[str]) -> dict[str, tuple[str, ...]]:
+  """The experts of config.model.kind in model order (uni-modal ones first, then the joint one),
+  each with the input keys it reads."""
+  available = available_experts(model_config, input_keys)
+  kind = model_config.kind
+  unis = [n for n in available if n != JOINT]
+  if kind == "uni":
+    modality = model_config.get("modality", "")
+    name = uni_expert_name(modality)
+    if name not in available:
+      raise ValueError(f"config.model.modality={modality!r} has no uni-modal expert; expected "
+                       f"one of {[n[len(UNI_PREFIX):] for n in unis]}.")
+    names = [name]
+  elif kind in ("i2m2", "intra", "inter"):
+    needs_unis, needs_joint = kind != "inter", kind != "intra"
+    if (needs_unis and not unis) or (needs_joint and JOINT not in available):
+      raise ValueError(f"config.model.kind={kind!r} needs "
+                       f"{'uni-modal experts and ' if needs_unis else ''}"
+                       f"{'the joint expert' if needs_joint else ''}".removesuffix(" and ")
+                       + f"; config.model.expert_inputs defines only {list(available)}.")
+    names = (unis if needs_unis else []) + ([JOINT] if needs_joint else [])
+  else:
+    raise ValueError(f"config.model.kind={kind!r} is unknown; expected one of "
+                     f"{list(MODEL_KINDS)}.")
+  return {n: available[n] for n in names}
+
+
+def experts_without(layout: Mapping[str, Sequence[str]], missing: str) -> tuple[bool, ...]:
+  """Which experts of `layout` (in order) can still predict when input `missing` is absent:
+  those that do not read it."""
+  return tuple(missing not in keys for keys in layout.values())
+
+
+# ---------------------------------------------------------------------------------------------
+# Building
+
+
+def _encoder_for(key: str, shape: Sequence[int], model_config, joint: bool,
+                 batch_axis_name: str | None) -> nn.Module:
+  """The encoder of one input: config.model.encoders[key], else the default for the example's
+  rank, with config.model.encoder_kwargs[key] (for the joint expert joint_encoder_kwargs[key]
+  first) as its arguments. Encoders with BatchNorm get the pmap device axis."""
+  encoders = config_mapping(model_config.get("encoders"), "config.model.encoders")
+  name = encoders.get(key) or DEFAULT_ENCODER_BY_RANK.get(len(shape))
   if name is None:
-    raise ValueError(f"Modality {modality!r} has per-example shape {tuple(shape)}; no default "
-                     f"encoder for rank {len(shape)}. Set config.model.encoders.{modality} to one "
-                     f"of {sorted(ENCODERS)}.")
+    raise ValueError(f"Input {key!r} has per-example shape {tuple(shape)}; no default encoder for "
+                     f"rank {len(shape)}. Set --config.model.encoders={key}=NAME with NAME one of "
+                     f"{sorted(ENCODERS)} (e.g. 'mlp' flattens any shape).")
   if name not in ENCODERS:
-    raise ValueError(f"config.model.encoders.{modality}={name!r} is unknown; expected one of "
+    raise ValueError(f"config.model.encoders: {key}={name!r} is unknown; expected one of "
                      f"{sorted(ENCODERS)}.")
-  kwargs = _config_entry(model_config.get("encoder_kwargs"), modality)
+  kwargs = config_mapping(model_config.get("encoder_kwargs"), "config.model.encoder_kwargs").get(key)
   if joint:
-    kwargs = _config_entry(model_config.get("joint_encoder_kwargs"), modality, kwargs)
-  return ENCODERS[name](**_as_kwargs(kwargs))
+    kwargs = config_mapping(model_config.get("joint_encoder_kwargs"),
+                            "config.model.joint_encoder_kwargs").get(key, kwargs)
+  kwargs = _as_kwargs(kwargs)
+  factory = ENCODERS[name]
+  cls = getattr(factory, "func", factory)
+  if batch_axis_name and "bn_axis_name" in {f.name for f in dataclasses.fields(cls)}:
+    kwargs["bn_axis_name"] = batch_axis_name
+  return factory(**kwargs)
 
 
-# name -> joint-expert class, built as cls(encoders=((modality, encoder), ...), head=..., dropout_rate=...).
-FUSIONS: dict[str, Callable[..., nn.Module]] = {"late_fusion": LateFusionExpert}
-
-
-def register_fusion(name: str, factory: Callable[..., nn.Module]) -> None:
-  if name in FUSIONS and FUSIONS[name] is not factory:
-    raise ValueError(f"A fusion named {name!r} is registered already.")
-  FUSIONS[name] = factory
-
-
-def build_expert(name: str, modality_shapes: Mapping[str, Sequence[int]], num_classes: int,
-                 model_config) -> nn.Module:
-  head = tuple(model_config.head_hidden) + (num_classes,)
+def build_expert(name: str, keys: Sequence[str], modality_shapes: Mapping[str, Sequence[int]],
+                 num_outputs: int, model_config, batch_axis_name: str | None = None) -> nn.Module:
+  """One expert: the joint one by config.model.fusion; a uni-modal one as an encoder and a head
+  (or, reading several keys, their encoders concatenated as in late fusion)."""
+  head = tuple(model_config.head_hidden) + (num_outputs,)
   dropout = model_config.get("dropout_rate", 0.0)
-  if name == JOINT:
+  joint = name == JOINT
+  encoders = tuple((k, _encoder_for(k, modality_shapes[k], model_config, joint, batch_axis_name))
+                   for k in keys)
+  if joint:
     fusion = model_config.get("fusion", "late_fusion")
     if fusion not in FUSIONS:
       raise ValueError(f"config.model.fusion={fusion!r} is unknown; expected one of "
                        f"{sorted(FUSIONS)}.")
-    encoders = tuple((m, _encoder_for(m, s, model_config, joint=True))
-                     for m, s in modality_shapes.items())
     return FUSIONS[fusion](encoders=encoders, head=head, dropout_rate=dropout,
                            **_as_kwargs(model_config.get("fusion_kwargs")))
-  modality = expert_modalities(name, list(modality_shapes))[0]
-  encoder = _encoder_for(modality, modality_shapes[modality], model_config, joint=False)
-  return UniModalExpert(modality, encoder, head, dropout)
+  if len(encoders) == 1:
+    return modules.UniModalExpert(keys[0], encoders[0][1], head, dropout)
+  return modules.LateFusionExpert(encoders=encoders, head=head, dropout_rate=dropout)
 
 
-# name -> builder(model_config, modality_shapes, num_classes) of another implementation of the
-# same classifier (same outputs, same variables), selected by config.model.implementation;
-# 'plain' (the default) is build_model's own. i2m2_jax.fast_models registers 'fast'.
-PLAIN = "plain"
-IMPLEMENTATIONS: dict[str, Callable[..., nn.Module]] = {}
+def build_model(model_config, modality_shapes: Mapping[str, Sequence[int]],
+                output_shape: int | Sequence[int], *, batch_axis_name: str | None = None
+                ) -> nn.Module:
+  """The classifier for config.model over the given inputs (name -> example shape).
+
+  `output_shape`: the task's per-example logits shape ((C,), or (L, 2) for L binary labels; an
+  int C means (C,)). `batch_axis_name`: the pmap axis, so that BatchNorm layers normalise with
+  the statistics of the whole global batch. config.model.implementation (default 'plain') picks
+  how it is computed: 'plain' is a modules.MultiModalClassifier; 'fast' the CPU-tuned LeNet
+  classifier of i2m2_jax.fast (same function and variables).
+  """
+  if len(modality_shapes) < 1:
+    raise ValueError("The data set has no modality.")
+  output_shape = (output_shape,) if isinstance(output_shape, int) else tuple(output_shape)
+  layout = expert_layout(model_config, list(modality_shapes))
+  implementation = model_config.get("implementation", "plain") or "plain"
+  if implementation not in IMPLEMENTATIONS:
+    raise ValueError(f"config.model.implementation={implementation!r} is unknown; expected one "
+                     f"of {list(IMPLEMENTATIONS)}.")
+  if implementation == "fast":
+    if len(output_shape) != 1:
+      raise ValueError(f"config.model.implementation='fast' serves single-label tasks; this "
+                       f"task's outputs have shape {output_shape}. Use implementation='plain'.")
+    if batch_axis_name:
+      raise ValueError("config.model.implementation='fast' runs under config.parallel='jit' "
+                       "only; use 'jit' (the same computation) or implementation='plain'.")
+    fast = importlib.import_module("i2m2_jax.fast")  # opt-in: never imported otherwise
+    return fast.build_fast_model(model_config, modality_shapes, output_shape[0], layout=layout)
+  num_outputs = 1
+  for d in output_shape:
+    num_outputs *= d
+  return modules.MultiModalClassifier(
+      tuple((name, build_expert(name, keys, modality_shapes, num_outputs, model_config,
+                                batch_axis_name)) for name, keys in layout.items()),
+      output_shape=output_shape)
 
 
-def register_implementation(name: str, builder: Callable[..., nn.Module]) -> None:
-  if name == PLAIN or (name in IMPLEMENTATIONS and IMPLEMENTATIONS[name] is not builder):
-    raise ValueError(f"An implementation named {name!r} is registered already.")
-  IMPLEMENTATIONS[name] = builder
-
+# ---------------------------------------------------------------------------------------------
+# Mixed precision
 
 # config.model.compute_dtype -> the dtype activations are computed in. Parameters, optimiser
 # state and BatchNorm statistics stay float32 (mixed precision); see apply_in_dtype.
@@ -289,7 +258,7 @@ def apply_in_dtype(apply_fn: Callable[..., Any], dtype) -> Callable[..., Any]:
   """`apply_fn` (a module's apply) computing in `dtype`: the floating parameters are cast on the
   way in, so the float32 originals stay the ones trained and checkpointed (their gradients come
   back through the cast as float32). BatchNorm statistics are not cast: they are averaged in
-  float32. The caller casts the inputs (train_lib.make_preprocess); the product of experts is
+  float32. The caller casts the inputs (`state.make_preprocess`); the product of experts is
   computed in float32 whatever the experts' dtype (combine.product_of_experts)."""
   if jnp.dtype(dtype) == jnp.float32:
     return apply_fn
@@ -297,29 +266,4 @@ def apply_in_dtype(apply_fn: Callable[..., Any], dtype) -> Callable[..., Any]:
   def apply(variables, *args, **kwargs):
     return apply_fn({**variables, "params": cast_floating(variables["params"], dtype)},
                     *args, **kwargs)
-  apply.module_apply = apply_fn  # the module's own apply (see train_lib.model_expert_names)
   return apply
-
-
-def build_model(model_config, modality_shapes: Mapping[str, Sequence[int]],
-                num_classes: int) -> nn.Module:
-  """The classifier for config.model.kind over the given modalities (name -> example shape).
-
-  config.model.implementation (default 'plain') picks how it is computed: 'plain' is a
-  MultiModalClassifier of the modules above; other names come from IMPLEMENTATIONS.
-  """
-  if len(modality_shapes) < 1:
-    raise ValueError("The data set has no modality.")
-  implementation = model_config.get("implementation", PLAIN) or PLAIN
-  if implementation != PLAIN:
-    if implementation not in IMPLEMENTATIONS:
-      raise ValueError(f"config.model.implementation={implementation!r} is unknown; expected "
-                       f"one of {[PLAIN] + sorted(IMPLEMENTATIONS)}.")
-    return IMPLEMENTATIONS[implementation](model_config, modality_shapes, num_classes)
-  names = expert_names(model_config.kind, list(modality_shapes), model_config.get("modality", ""))
-  return MultiModalClassifier(tuple(
-      (n, build_expert(n, modality_shapes, num_classes, model_config)) for n in names))
-
-
-from i2m2_jax import paper_models  # noqa: E402,F401  pylint: disable=g-import-not-at-top  (registers the paper's encoders and fusions)
-from i2m2_jax import fast_models  # noqa: E402,F401  pylint: disable=g-import-not-at-top  (registers implementation 'fast')

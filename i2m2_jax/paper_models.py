@@ -1,6 +1,6 @@
 """The paper's AV-MNIST and MIMIC-III experts (MultiBench architectures) as flax.linen modules.
 
-Importing this module registers them in the registries of `i2m2_jax.models`:
+`i2m2_jax.models` names them in its registries:
 
 * encoder `lenet`: `LeNet(channels=3, num_blocks=3)`; AV-MNIST image (3, 3), audio (3, 5),
   the joint expert's encoders with channels=6;
@@ -10,7 +10,7 @@ Importing this module registers them in the registries of `i2m2_jax.models`:
   all 24 hidden states flattened to 720 (`gru_linear` with per_step_features=0 is identical);
 * encoder `mlp_raw`: `MLPRawEncoder(features=(10, 10))`; the MIMIC static MLP(5, 10, 10);
 * fusion `lrtf`: `LowRankTensorFusionExpert(encoders, head, rank=40, output_dim=120)`; the
-  AV-MNIST LRTF joint expert (`late_fusion` of models.py is the LF one).
+  AV-MNIST LRTF joint expert (`late_fusion`, modules.LateFusionExpert, is the LF one).
 
 Sources (pliang279/MultiBench, which divyam3897/I2M2 copies): `unimodals/common_models.py`
 (LeNet, MLP, GRU, GRUWithLinear) and `fusions/common_fusions.py` (LowRankTensorFusion).
@@ -49,7 +49,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from i2m2_jax import models
+from i2m2_jax import modules
 
 # ---------------------------------------------------------------------------------------------
 # Initialisers matching PyTorch
@@ -97,7 +97,9 @@ class TorchBatchNorm(nn.Module):
   """
   momentum: float = 0.9
   epsilon: float = 1e-5
-  axis_name: str | None = None  # for pmap: average the statistics over this axis
+  # Under pmap: the device axis the batch is split over. Training statistics are then those of
+  # the whole global batch, as under jit (evaluation uses running averages, or its own batch).
+  axis_name: str | None = None
 
   @nn.compact
   def __call__(self, x, use_running_average: bool, update_stats: bool = False):
@@ -109,7 +111,7 @@ class TorchBatchNorm(nn.Module):
     if use_running_average:
       mean, var = ra_mean.value, ra_var.value
     else:
-      mean, var, count = self._batch_moments(x)
+      mean, var, count = self._batch_moments(x, self.axis_name if update_stats else None)
       if update_stats and not self.is_initializing():
         # PyTorch stores the unbiased variance in its running average.
         unbiased = var * (count / jnp.maximum(count - 1, 1))
@@ -118,17 +120,18 @@ class TorchBatchNorm(nn.Module):
     y = (x - mean) * jax.lax.rsqrt(var + self.epsilon)
     return (y * scale + bias).astype(x.dtype)
 
-  def _batch_moments(self, x):
+  @staticmethod
+  def _batch_moments(x, axis_name):
     axes = tuple(range(x.ndim - 1))
     xf = x.astype(jnp.float32)
     count = math.prod(x.shape[:-1])
     mean = xf.mean(axes)
-    if self.axis_name is not None:
-      mean = jax.lax.pmean(mean, self.axis_name)
-      count *= jax.lax.psum(1, self.axis_name)
+    if axis_name is not None:
+      mean = jax.lax.pmean(mean, axis_name)
+      count *= jax.lax.psum(1, axis_name)
     var = jnp.square(xf - mean).mean(axes)
-    if self.axis_name is not None:
-      var = jax.lax.pmean(var, self.axis_name)
+    if axis_name is not None:
+      var = jax.lax.pmean(var, axis_name)
     return mean, var, count
 
 
@@ -255,7 +258,7 @@ class LowRankTensorFusion(nn.Module):
 class LowRankTensorFusionExpert(nn.Module):
   """q(y | x_1, ..., x_M) by low-rank tensor fusion: its own encoder per modality, LRTF to
   `output_dim` features, then the MLP head (AV-MNIST: LRTF([48, 192], 120, rank 40) ->
-  MLP(120, 100, 10)). Built like models.LateFusionExpert, with the same submodule names.
+  MLP(120, 100, 10)). Built like modules.LateFusionExpert, with the same submodule names.
 
   Deviation from the reference (quirk #3): the LRTF factors are trained here; MultiBench leaves
   them unregistered, so there they stay at their random init.
@@ -271,15 +274,4 @@ class LowRankTensorFusionExpert(nn.Module):
     features = [enc.clone(name=f"encoder_{m}", parent=self)(inputs[m], train)
                 for m, enc in self.encoders]
     fused = LowRankTensorFusion(self.output_dim, self.rank, name="fusion")(features)
-    return models.MLP(tuple(self.head), self.dropout_rate, name="head")(fused, train)
-
-
-# ---------------------------------------------------------------------------------------------
-# Registration
-
-models.register_encoder("lenet", LeNet)
-models.register_encoder("gru_linear", GRUSequenceEncoder)
-models.register_encoder("gru_all_states",
-                        functools.partial(GRUSequenceEncoder, per_step_features=0))
-models.register_encoder("mlp_raw", MLPRawEncoder)
-models.register_fusion("lrtf", LowRankTensorFusionExpert)
+    return modules.MLP(tuple(self.head), self.dropout_rate, name="head")(fused, train)

@@ -7,8 +7,13 @@ no file at all.
 
 Files under `workdir`:
   tensorboard/events.out.tfevents.*   scalars and hparams, for TensorBoard
-  metrics.jsonl                       one JSON object per `write_scalars` call: {"step": s, ...}
+  metrics.jsonl                       one JSON object per step: {"step": s, ...} (the scalars of
+                                      consecutive `write_scalars` calls at the same step merged)
   hparams.json                        the last `write_hparams` dict, nested as given
+
+A writer opened with `resume_step=k` (a run resumed from its checkpoint at step k) first drops
+what the interrupted run logged after step k: those steps run again, so every step keeps one
+record (metrics.jsonl is rewritten without them; TensorBoard is told to purge them).
 
 `ProgressBar` is a tqdm bar over training steps showing steps/s and the ETA.
 """
@@ -79,22 +84,27 @@ class MetricWriter:
   Args:
     workdir: the run's directory (created if needed).
     enabled: False on processes other than 0: every method is then a no-op.
+    resume_step: the step a resumed run continues from (module docstring); None for a new run.
   """
 
-  def __init__(self, workdir: str, *, enabled: bool = True):
+  def __init__(self, workdir: str, *, enabled: bool = True, resume_step: int | None = None):
     self._enabled = enabled
     self._workdir = os.fspath(workdir)
     self._tb = None
     self._jsonl = None
+    self._pending: tuple[int, dict[str, Any]] | None = None  # the current step's merged row
+    self._last_row: tuple[int, int, dict[str, Any]] | None = None  # (offset, step, values) on disk
     if not enabled:
       return
     from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
 
     os.makedirs(self._workdir, exist_ok=True)
-    self._tb = SummaryWriter(logdir=os.path.join(self._workdir, TENSORBOARD_DIR),
-                             flush_secs=30)
-    # Appending: a resumed run continues the same log (steps may then repeat after a restart).
-    self._jsonl = open(os.path.join(self._workdir, JSONL_NAME), "a", encoding="utf-8")
+    jsonl_path = os.path.join(self._workdir, JSONL_NAME)
+    if resume_step is not None:
+      _drop_rows_after(jsonl_path, int(resume_step))
+    self._tb = SummaryWriter(logdir=os.path.join(self._workdir, TENSORBOARD_DIR), flush_secs=30,
+                             purge_step=None if resume_step is None else int(resume_step) + 1)
+    self._jsonl = open(jsonl_path, "a+", encoding="utf-8")
 
   @property
   def enabled(self) -> bool:
@@ -114,7 +124,27 @@ class MetricWriter:
       raise ValueError("write_scalars: 'step' is reserved for the step number.")
     for name, value in values.items():
       self._tb.add_scalar(name, float(value), global_step=step)
+    if self._pending is not None and self._pending[0] == step:
+      self._pending[1].update(values)
+    else:
+      self._write_pending()
+      self._pending = (step, values)
+
+  def _write_pending(self) -> None:
+    """Appends the pending row, or rewrites the last row on disk when it is of the same step
+    (scalars of one step logged across a flush, e.g. before a checkpoint)."""
+    if self._pending is None:
+      return
+    step, values = self._pending
+    self._pending = None
+    if self._last_row is not None and self._last_row[1] == step:
+      offset, _, written = self._last_row
+      values = {**written, **values}
+      self._jsonl.truncate(offset)
+    self._jsonl.seek(0, os.SEEK_END)
+    offset = self._jsonl.tell()
     self._jsonl.write(json.dumps({"step": step, **values}) + "\n")
+    self._last_row = (offset, step, values)
 
   def write_hparams(self, hparams: Mapping[str, Any]) -> None:
     """Records hyper-parameters: `hparams.json` (nested) and TensorBoard's hparams tab (flat)."""
@@ -132,14 +162,17 @@ class MetricWriter:
       file_writer.add_summary(summary)
 
   def flush(self) -> None:
+    """Writes everything logged so far to disk (the current step's row included)."""
     if not self._enabled:
       return
+    self._write_pending()
     self._jsonl.flush()
     self._tb.flush()
 
   def close(self) -> None:
     if not self._enabled or self._jsonl is None:
       return
+    self._write_pending()
     self._jsonl.close()
     self._tb.close()
     self._jsonl = self._tb = None
@@ -150,6 +183,21 @@ class MetricWriter:
 
   def __exit__(self, *exc) -> None:
     self.close()
+
+
+def _drop_rows_after(path: str, step: int) -> None:
+  """Rewrites a metrics.jsonl without its rows after `step` (atomically; nothing if absent)."""
+  if not os.path.exists(path):
+    return
+  with open(path, encoding="utf-8") as f:
+    lines = f.readlines()
+  kept = [line for line in lines if line.strip() and json.loads(line)["step"] <= step]
+  if len(kept) == len(lines):
+    return
+  tmp = path + ".tmp"
+  with open(tmp, "w", encoding="utf-8") as f:
+    f.writelines(kept)
+  os.replace(tmp, path)
 
 
 def _format_postfix(value: Any) -> str:

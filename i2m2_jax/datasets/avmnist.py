@@ -79,6 +79,12 @@ def write_split(root: str, split: str, image: np.ndarray, audio: np.ndarray,
 # Reading and checking the files
 
 
+def source_files(root: str) -> list[str]:
+  """The files a build reads (for its fingerprint)."""
+  return [os.path.join(root, path) for split in ("train", "test")
+          for path, _ in _split_files(split).values()]
+
+
 def find_root(manual_dir: str) -> str:
   """The folder holding image/, audio/ and the labels: manual_dir or its avmnist/ subfolder."""
   nested = os.path.join(manual_dir, "avmnist")
@@ -246,6 +252,7 @@ def load_avmnist(data_config) -> Dataset:
   if builder is None:
     root = find_root(_manual_dir(data_config, data_dir))
     builder = builder_utils.prepare(I2m2Avmnist, builder_config(num_val, storage_dtypes(root)),
-                                    data_dir, root_dir=root)
+                                    data_dir, source_files=source_files(root), root_dir=root)
   return Dataset(name=NAME, modalities=dict(MODALITY_SHAPES), num_classes=NUM_CLASSES,
-                 sources=builder_utils.split_sources(builder))
+                 sources=builder_utils.split_sources(builder),
+                 provenance=builder_utils.provenance(builder, _manual_dir(data_config, data_dir)))

@@ -1,13 +1,13 @@
-"""Shared plumbing for the TFDS builders: cache names from knobs, build-then-read, in-memory splits.
+"""Shared plumbing for the TFDS builders: cache names from knobs, build-then-read, provenance.
 
 Every builder here is a `tfds.core.GeneratorBasedBuilder` written as array_record (readable without
 TensorFlow) and read back with `builder.as_data_source(split)`. The knobs that change the data
 go into a `KnobsConfig` whose name is a short hash of them, so a cached build is reused only for
-the very same knobs (see `knobs_config`).
+the very same knobs (see `knobs_config`). Which splits are then held in memory is decided once,
+by config.data.in_memory_max_gb (`datasets.load_dataset`).
 
-Small splits are then copied into memory (`InMemorySource`): an ArrayRecordDataSource decodes
-each example on every read (~50 us), i.e. ~6 ms per batch of 128 -- more than a training step of
-the small models here -- while an in-memory example costs a few microseconds.
+A build records where its data came from and a SHA-256 fingerprint of the files it read
+(`source_fingerprint.json` beside the build); results.json carries both (`provenance`).
 """
 from __future__ import annotations
 
@@ -22,14 +22,10 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from i2m2_jax.datasets import SPLITS
-from i2m2_jax.input_pipeline import InMemorySource
 
 # Trainer split name -> TFDS split name.
 TFDS_SPLIT_NAMES = {"train": "train", "val": "validation", "test": "test"}
-
-# Splits up to this many (serialised) bytes are read into memory once (see module docstring);
-# config.data.in_memory_max_mb overrides it.
-DEFAULT_IN_MEMORY_MAX_BYTES = 512 * 2**20
+FINGERPRINT_FILE = "source_fingerprint.json"
 
 
 @dataclasses.dataclass(eq=False)
@@ -76,9 +72,11 @@ def data_dir_from_config(data_config) -> str | None:
   return os.path.expanduser(data_dir) if data_dir else None
 
 
-def prepare(builder_cls, config: KnobsConfig, data_dir: str | None,
-            **builder_attrs) -> tfds.core.DatasetBuilder:
-  """Builds `builder_cls(config)` into data_dir as array_record unless that build exists.
+def prepare(builder_cls, config: KnobsConfig, data_dir: str | None, *,
+            source_files: Sequence[str] = (), **builder_attrs) -> tfds.core.DatasetBuilder:
+  """Builds `builder_cls(config)` into data_dir as array_record unless that build exists, and
+  records the fingerprint of `source_files` (the files the build reads; none for generated
+  data, whose knobs are its fingerprint) beside it.
 
   `builder_attrs` are set on the builder before preparing (e.g. arrays a loader validated already),
   so a builder need not read its inputs twice. Several processes may build the same data set at
@@ -98,27 +96,47 @@ def prepare(builder_cls, config: KnobsConfig, data_dir: str | None,
       raise
     logging.info("%s/%s was built by another process meanwhile; using that build.",
                  builder.name, config.name)
+    return builder
+  fingerprint = (files_fingerprint(source_files) if source_files
+                 else "knobs:" + short_hash(config.knobs, length=64))
+  _write_json(os.path.join(os.fspath(builder.data_path), FINGERPRINT_FILE),
+              {"fingerprint": fingerprint, "files": [os.path.basename(f) for f in source_files]})
   return builder
 
 
-def in_memory_limit_bytes(data_config) -> int:
-  """config.data.in_memory_max_mb (optional; default 512, <= 0: never) in bytes."""
-  megabytes = data_config.get("in_memory_max_mb", DEFAULT_IN_MEMORY_MAX_BYTES / 2**20)
-  return int(megabytes * 2**20)
+def files_fingerprint(paths: Sequence[str], chunk_size: int = 2**20) -> str:
+  """'sha256:<hex>' over the names and contents of the files, in sorted order."""
+  digest = hashlib.sha256()
+  for path in sorted(paths, key=os.path.basename):
+    digest.update(os.path.basename(path).encode() + b"\0")
+    with open(path, "rb") as f:
+      while chunk := f.read(chunk_size):
+        digest.update(chunk)
+  return "sha256:" + digest.hexdigest()
 
 
-def split_sources(builder: tfds.core.DatasetBuilder,
-                  in_memory_max_bytes: int = DEFAULT_IN_MEMORY_MAX_BYTES) -> dict[str, Any]:
-  """{'train'|'val'|'test': random-access source} of a prepared builder; small splits in memory."""
-  sources = {}
-  for split in SPLITS:
-    tfds_split = TFDS_SPLIT_NAMES[split]
-    source = builder.as_data_source(tfds_split)
-    num_bytes = builder.info.splits[tfds_split].num_bytes
-    if in_memory_max_bytes > 0 and num_bytes <= in_memory_max_bytes:
-      source = InMemorySource.from_source(source)
-    sources[split] = source
-  return sources
+def _write_json(path: str, value: Any) -> None:
+  tmp = f"{path}.tmp{os.getpid()}"
+  with open(tmp, "w") as f:
+    json.dump(value, f, indent=2)
+  os.replace(tmp, path)
+
+
+def provenance(builder: tfds.core.DatasetBuilder, source: str) -> dict[str, Any]:
+  """What results.json records about the data: `source` (the folder or generator it came from),
+  the build it was read from, and the fingerprint the build recorded."""
+  path = os.path.join(os.fspath(builder.data_path), FINGERPRINT_FILE)
+  try:
+    with open(path) as f:
+      fingerprint = json.load(f)["fingerprint"]
+  except (OSError, ValueError, KeyError):
+    fingerprint = "unknown (built before fingerprints were recorded)"
+  return {"source": source, "build": os.fspath(builder.data_path), "fingerprint": fingerprint}
+
+
+def split_sources(builder: tfds.core.DatasetBuilder) -> dict[str, Any]:
+  """{'train'|'val'|'test': random-access source} of a prepared builder."""
+  return {split: builder.as_data_source(TFDS_SPLIT_NAMES[split]) for split in SPLITS}
 
 
 def stratified_partition(labels: np.ndarray, fractions: Sequence[float],

@@ -86,5 +86,5 @@ def load_digits_dataset(data_config) -> Dataset:
       I2m2Digits, builder_utils.knobs_config({"split_seed": split_seed}),
       builder_utils.data_dir_from_config(data_config))
   return Dataset(name=NAME, modalities=dict(MODALITY_SHAPES), num_classes=NUM_CLASSES,
-                 sources=builder_utils.split_sources(
-                     builder, builder_utils.in_memory_limit_bytes(data_config)))
+                 sources=builder_utils.split_sources(builder),
+                 provenance=builder_utils.provenance(builder, "scikit-learn load_digits()"))

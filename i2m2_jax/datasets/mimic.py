@@ -222,6 +222,8 @@ def load_mimic(data_config) -> Dataset:
     path = os.path.join(root, FILE_NAME)
     if not os.path.isfile(path):
       load_pickle(path)  # raises the FileNotFoundError that names the file and its format
-    builder = builder_utils.prepare(I2m2Mimic, config, data_dir, root_dir=root)
+    builder = builder_utils.prepare(I2m2Mimic, config, data_dir, source_files=[path],
+                                    root_dir=root)
   return Dataset(name=NAME, modalities=dict(MODALITY_SHAPES), num_classes=TASKS[task][1],
-                 sources=builder_utils.split_sources(builder))
+                 sources=builder_utils.split_sources(builder),
+                 provenance=builder_utils.provenance(builder, _manual_dir(data_config, builder)))

@@ -5,12 +5,19 @@ Set `--config.data.path=DIR`, a folder holding
 * `train.npz` and `test.npz` (required), `val.npz` (optional; without it a stratified hold-out of
   `config.data.val_fraction` of train, seeded by `config.data.split_seed`, becomes the validation
   split and leaves train);
-* in each file: `label`, integer classes 0..C-1 of shape [N], and one array per modality under
-  any other key, first axis N: vectors [N, D], sequences [N, T, F], images [N, H, W, C], e.g.
-  `np.savez(DIR + '/train.npz', image=images, audio=spectrograms, label=labels)`.
+* in each file the targets and one array per modality under any other key, first axis N:
+  vectors [N, D], sequences [N, T, F], images [N, H, W, C], e.g.
+  `np.savez(DIR + '/train.npz', image=images, audio=spectrograms, label=labels)`. Targets:
+  - `label` [N]: integer classes 0..C-1 (task `multiclass`);
+  - `label` [N, L]: L binary labels in {0, 1} (task `multilabel`; names from
+    `config.data.label_names`, 'a,b,c');
+  - `scores` [N, C]: a score in [0, 1] per class, e.g. VQA answer scores (task `soft_label`), with
+    or without a `label` beside it.
+  The data set's default task follows from which targets it has (`--config.task.name` chooses
+  another the targets allow).
 
 Modality order (for the model) is the key order of train.npz. The number of classes C is
-`config.data.num_classes` when > 0, else max(train label) + 1.
+`config.data.num_classes` when > 0, else max(train label) + 1 (or the width of `scores`).
 
 Dtypes are stored as float32 or uint8 by this rule: float32 and uint8 as they are; other floats
 (float16, float64) -> float32; bool -> uint8; other integers -> float32 (exact below 2**24).
@@ -37,7 +44,8 @@ from i2m2_jax.datasets import builder_utils
 NAME = "npz"
 REQUIRED_FILES = {"train": "train.npz", "test": "test.npz"}
 OPTIONAL_FILES = {"val": "val.npz"}
-RESERVED_KEYS = ("mask",)  # 'label' is the label; 'mask' is the trainer's padding flag
+TARGETS = ("label", "scores")  # keys that are targets, not modalities
+RESERVED_KEYS = ("mask",)  # the trainer's padding flag
 
 
 # ---------------------------------------------------------------------------------------------
@@ -67,6 +75,14 @@ class NpzLayout:
   modalities: Mapping[str, tuple[tuple[int, ...], str]]  # name -> (example shape, stored dtype)
   num_classes: int
   fingerprint: tuple[tuple[str, int, int], ...]  # (file name, size, mtime_ns) per file
+  targets: Mapping[str, tuple[int, ...]] = dataclasses.field(
+      default_factory=lambda: {"label": ()})   # target key -> per-example shape
+
+  @property
+  def task(self) -> str:
+    if "scores" in self.targets:
+      return "soft_label"
+    return "multilabel" if len(self.targets["label"]) == 1 else "multiclass"
 
 
 def _header(zf: zipfile.ZipFile, member: str) -> tuple[tuple[int, ...], np.dtype]:
@@ -91,10 +107,11 @@ def read_headers(path: str) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
 
 
 def check_labels(labels: np.ndarray, file_name: str) -> np.ndarray:
-  """Labels as int64 [N]; ValueError unless they are whole numbers >= 0 of shape [N]."""
-  if labels.ndim != 1:
+  """Labels as int64 [N] (classes) or [N, L] (binary labels); ValueError unless they are whole
+  numbers >= 0 (and in {0, 1} for [N, L])."""
+  if labels.ndim not in (1, 2):
     raise ValueError(f"{file_name}: key 'label' has shape {labels.shape}; expected [N] integer "
-                     f"classes (one per example).")
+                     f"classes (one per example) or [N, L] binary labels.")
   if np.issubdtype(labels.dtype, np.floating):
     if not np.all(np.isfinite(labels)) or np.any(labels != np.round(labels)):
       raise ValueError(f"{file_name}: key 'label' has non-integer values (dtype "
@@ -106,7 +123,22 @@ def check_labels(labels: np.ndarray, file_name: str) -> np.ndarray:
   if labels.size and labels.min() < 0:
     raise ValueError(f"{file_name}: key 'label' has negative values (min {labels.min()}); "
                      f"expected integer classes 0..C-1.")
+  if labels.ndim == 2 and labels.size and labels.max() > 1:
+    raise ValueError(f"{file_name}: key 'label' of shape [N, L] has values above 1 (max "
+                     f"{labels.max()}); expected binary labels in {{0, 1}} (multilabel).")
   return labels
+
+
+def check_scores(scores: np.ndarray, file_name: str) -> np.ndarray:
+  """Soft labels as float32 [N, C]; ValueError unless they are finite numbers in [0, 1]."""
+  if scores.ndim != 2 or not (np.issubdtype(scores.dtype, np.floating)
+                              or np.issubdtype(scores.dtype, np.integer)):
+    raise ValueError(f"{file_name}: key 'scores' has shape {scores.shape} and dtype "
+                     f"{scores.dtype}; expected float scores [N, C] in [0, 1].")
+  if not np.all(np.isfinite(scores)) or (scores.size and (scores.min() < 0 or scores.max() > 1)):
+    raise ValueError(f"{file_name}: key 'scores' has values outside [0, 1] or NaN/Inf; expected "
+                     f"a score in [0, 1] per class.")
+  return scores.astype(np.float32)
 
 
 def _load_labels(path: str) -> np.ndarray:
@@ -115,17 +147,29 @@ def _load_labels(path: str) -> np.ndarray:
 
 
 def _check_file_structure(path: str, headers) -> None:
-  """One file on its own: a label, >= 1 modality, equal first axes, supported dtypes."""
+  """One file on its own: targets, >= 1 modality, equal first axes, supported dtypes."""
   name = os.path.basename(path)
-  if "label" not in headers:
-    raise ValueError(f"{name}: no key 'label'; expected integer class labels of shape [N] next "
-                     f"to the modality arrays (found keys {list(headers)}).")
-  modalities = [k for k in headers if k != "label"]
+  for key, (_, dtype) in headers.items():
+    if dtype == np.dtype(object):
+      raise ValueError(f"{name}: key {key!r} holds Python objects (dtype object, e.g. strings "
+                       f"from a pandas column); expected numbers. Convert class names with "
+                       f"`codes, names = np.unique(values, return_inverse=True)[::-1]`.")
+  targets = [k for k in TARGETS if k in headers]
+  if not targets:
+    raise ValueError(f"{name}: no key 'label' (nor 'scores'); expected integer class labels of "
+                     f"shape [N] (or [N, L] binary labels, or float 'scores' [N, C]) next to the "
+                     f"modality arrays (found keys {list(headers)}).")
+  modalities = [k for k in headers if k not in TARGETS]
   if not modalities:
-    raise ValueError(f"{name}: no modality; expected one array per modality besides 'label'.")
-  num_examples = headers["label"][0][0] if headers["label"][0] else 0
+    raise ValueError(f"{name}: no modality; expected one array per modality besides "
+                     f"{targets}.")
+  num_examples = headers[targets[0]][0][0] if headers[targets[0]][0] else 0
   if num_examples == 0:
-    raise ValueError(f"{name}: key 'label' holds no examples; expected shape [N] with N >= 1.")
+    raise ValueError(f"{name}: key {targets[0]!r} holds no examples; expected N >= 1 rows.")
+  for key in targets[1:]:
+    if (headers[key][0] or (0,))[0] != num_examples:
+      raise ValueError(f"{name}: key {key!r} has {(headers[key][0] or (0,))[0]} examples but "
+                       f"{targets[0]!r} has {num_examples}; the first axes must match.")
   for key in modalities:
     shape, dtype = headers[key]
     if key in RESERVED_KEYS:
@@ -134,8 +178,8 @@ def _check_file_structure(path: str, headers) -> None:
       raise ValueError(f"{name}: key {key!r} has shape {shape}; expected [N, ...] with at least "
                        f"one per-example axis (use x[:, None] for a scalar feature).")
     if shape[0] != num_examples:
-      raise ValueError(f"{name}: key {key!r} has {shape[0]} examples (first axis) but 'label' "
-                       f"has {num_examples}; the first axes must match.")
+      raise ValueError(f"{name}: key {key!r} has {shape[0]} examples (first axis) but "
+                       f"{targets[0]!r} has {num_examples}; the first axes must match.")
     if stored_dtype(dtype) is None:
       raise ValueError(f"{name}: key {key!r} has dtype {dtype}; expected float32 or uint8 (or "
                        f"another float/int/bool dtype, which is cast).")
@@ -175,7 +219,8 @@ def scan_folder(data_config) -> NpzLayout:
     _check_file_structure(path, headers[split])
   train_name = REQUIRED_FILES["train"]
   modalities = {k: (shape[1:], stored_dtype(dtype))
-                for k, (shape, dtype) in headers["train"].items() if k != "label"}
+                for k, (shape, dtype) in headers["train"].items() if k not in TARGETS}
+  targets = {k: tuple(headers["train"][k][0][1:]) for k in TARGETS if k in headers["train"]}
   for split, path in files.items():
     if split == "train":
       continue
@@ -190,18 +235,25 @@ def scan_folder(data_config) -> NpzLayout:
             f"{name}: key {key!r} has per-example shape {other_shape[1:]} and dtype "
             f"{other_dtype} (stored as {stored_dtype(other_dtype)}), but {train_name} has shape "
             f"{shape} and dtype {headers['train'][key][1]} (stored as {dtype}); they must match.")
-    extra = [k for k in headers[split] if k != "label" and k not in modalities]
+    extra = [k for k in headers[split] if k not in modalities and k not in targets]
     if extra:
       raise ValueError(f"{name}: key(s) {extra} are not in {train_name}; every file needs the "
                        f"same keys.")
+    for key, shape in targets.items():
+      other = tuple(headers[split][key][0][1:]) if key in headers[split] else None
+      if other != shape:
+        raise ValueError(f"{name}: target {key!r} has per-example shape {other} but "
+                         f"{train_name} has {shape}; every file needs the same targets.")
 
   num_classes = int(data_config.get("num_classes", -1) or -1)
-  train_labels = _load_labels(files["train"])
-  if num_classes <= 0:
-    num_classes = int(train_labels.max()) + 1
+  if "label" in targets and len(targets["label"]) == 1:
+    num_classes = 2  # binary labels
+  elif num_classes <= 0:
+    num_classes = (int(_load_labels(files["train"]).max()) + 1 if "label" in targets
+                   else targets["scores"][0])
   return NpzLayout(folder=folder, files=files,
                    modalities={k: (s, d.name) for k, (s, d) in modalities.items()},
-                   num_classes=num_classes, fingerprint=_fingerprint(files))
+                   num_classes=num_classes, fingerprint=_fingerprint(files), targets=targets)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -212,12 +264,16 @@ def load_file(path: str, layout: NpzLayout) -> dict[str, np.ndarray]:
   """All arrays of one file, cast to their stored dtypes, with labels and values checked."""
   name = os.path.basename(path)
   with np.load(path, allow_pickle=False) as f:
-    labels = check_labels(f["label"], name)
-    if labels.size and labels.max() >= layout.num_classes:
-      raise ValueError(f"{name}: key 'label' has values outside 0..{layout.num_classes - 1} "
-                       f"(max {labels.max()}); C = {layout.num_classes} comes from "
-                       f"config.data.num_classes if > 0, else max(train label) + 1.")
-    arrays = {"label": labels}
+    arrays = {}
+    if "label" in layout.targets:
+      labels = check_labels(f["label"], name)
+      if labels.size and labels.max() >= layout.num_classes:
+        raise ValueError(f"{name}: key 'label' has values outside 0..{layout.num_classes - 1} "
+                         f"(max {labels.max()}); C = {layout.num_classes} comes from "
+                         f"config.data.num_classes if > 0, else max(train label) + 1.")
+      arrays["label"] = labels
+    if "scores" in layout.targets:
+      arrays["scores"] = check_scores(f["scores"], name)
     for key, (_, dtype) in layout.modalities.items():
       x = f[key]
       if np.issubdtype(x.dtype, np.floating):
@@ -240,13 +296,23 @@ def load_splits(layout: NpzLayout, val_fraction: float,
       raise ValueError(f"val.npz: missing and config.data.val_fraction={val_fraction} is not in "
                        f"(0, 1), so no validation split can be held out of train.npz.")
     keep, held_out = builder_utils.stratified_partition(
-        train["label"], [1.0 - val_fraction, val_fraction], split_seed)
+        _strata(train), [1.0 - val_fraction, val_fraction], split_seed)
     if len(held_out) == 0 or len(keep) == 0:
       raise ValueError(f"train.npz: {len(train['label'])} examples are too few to hold out "
                        f"val_fraction={val_fraction} of them as validation; add val.npz.")
     splits["train"] = {k: v[keep] for k, v in train.items()}
     splits["val"] = {k: v[held_out] for k, v in train.items()}
   return splits
+
+
+def _strata(arrays: Mapping[str, np.ndarray]) -> np.ndarray:
+  """What the validation hold-out keeps the proportions of: the class, the top-scored class, or
+  (binary labels) nothing."""
+  if "label" in arrays and arrays["label"].ndim == 1:
+    return arrays["label"]
+  if "scores" in arrays:
+    return np.argmax(arrays["scores"], axis=-1)
+  return np.zeros(len(arrays["label"]), np.int64)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -266,7 +332,13 @@ class I2m2Npz(tfds.core.GeneratorBasedBuilder):
     knobs = self.builder_config.knobs
     features = {k: tfds.features.Tensor(shape=tuple(shape), dtype=np.dtype(dtype))
                 for k, (shape, dtype) in knobs["modalities"].items()}
-    features["label"] = tfds.features.ClassLabel(num_classes=knobs["num_classes"])
+    targets = knobs.get("targets", {"label": []})
+    if "label" in targets:
+      features["label"] = (tfds.features.ClassLabel(num_classes=knobs["num_classes"])
+                           if not targets["label"] else
+                           tfds.features.Tensor(shape=tuple(targets["label"]), dtype=np.int32))
+    if "scores" in targets:
+      features["scores"] = tfds.features.Tensor(shape=tuple(targets["scores"]), dtype=np.float32)
     # Kept in file order (TFDS would otherwise reorder by key hash).
     return self.dataset_info_from_configs(features=tfds.features.FeaturesDict(features),
                                           disable_shuffling=True)
@@ -282,10 +354,13 @@ class I2m2Npz(tfds.core.GeneratorBasedBuilder):
             for s, arrays in splits.items()}
 
   def _generate_examples(self, arrays: Mapping[str, np.ndarray]):
-    keys = [k for k in arrays if k != "label"]
-    for i in range(len(arrays["label"])):
-      example: dict[str, Any] = {k: arrays[k][i] for k in keys}
-      example["label"] = int(arrays["label"][i])
+    first = next(iter(arrays.values()))
+    for i in range(len(first)):
+      example: dict[str, Any] = {k: arrays[k][i] for k in arrays}
+      if "label" in example and example["label"].ndim == 0:
+        example["label"] = int(example["label"])
+      elif "label" in example:
+        example["label"] = example["label"].astype(np.int32)
       yield i, example
 
 
@@ -293,6 +368,7 @@ def layout_knobs(layout: NpzLayout, val_fraction: float, split_seed: int) -> dic
   return {"folder": layout.folder, "files": dict(layout.files),
           "modalities": {k: [list(s), d] for k, (s, d) in layout.modalities.items()},
           "num_classes": layout.num_classes, "fingerprint": [list(f) for f in layout.fingerprint],
+          "targets": {k: list(v) for k, v in layout.targets.items()},
           "val_fraction": float(val_fraction), "split_seed": int(split_seed)}
 
 
@@ -300,7 +376,8 @@ def layout_from_knobs(knobs: Mapping[str, Any]) -> NpzLayout:
   return NpzLayout(folder=knobs["folder"], files=dict(knobs["files"]),
                    modalities={k: (tuple(s), d) for k, (s, d) in knobs["modalities"].items()},
                    num_classes=knobs["num_classes"],
-                   fingerprint=tuple(tuple(f) for f in knobs["fingerprint"]))
+                   fingerprint=tuple(tuple(f) for f in knobs["fingerprint"]),
+                   targets={k: tuple(v) for k, v in knobs["targets"].items()})
 
 
 @register_dataset(NAME)
@@ -314,9 +391,17 @@ def load_npz_dataset(data_config) -> Dataset:
   probe = I2m2Npz(config=config, data_dir=data_dir, file_format="array_record")
   # Read and check all values only when a build is needed; a build was checked when it was made.
   preloaded = None if probe.is_prepared() else load_splits(layout, val_fraction, split_seed)
-  builder = builder_utils.prepare(I2m2Npz, config, data_dir, preloaded_splits=preloaded)
+  builder = builder_utils.prepare(I2m2Npz, config, data_dir, preloaded_splits=preloaded,
+                                  source_files=list(layout.files.values()))
+  label_names = tuple(n.strip() for n in str(data_config.get("label_names", "") or "").split(",")
+                      if n.strip())
+  if label_names and (len(layout.targets.get("label", ())) != 1
+                      or len(label_names) != layout.targets["label"][0]):
+    raise ValueError(f"config.data.label_names names {len(label_names)} labels; the 'label' "
+                     f"array has per-example shape {layout.targets.get('label')}.")
   return Dataset(name=NAME,
                  modalities={k: tuple(s) for k, (s, _) in layout.modalities.items()},
                  num_classes=layout.num_classes,
-                 sources=builder_utils.split_sources(
-                     builder, builder_utils.in_memory_limit_bytes(data_config)))
+                 sources=builder_utils.split_sources(builder),
+                 targets=dict(layout.targets), task=layout.task, label_names=label_names,
+                 provenance=builder_utils.provenance(builder, layout.folder))

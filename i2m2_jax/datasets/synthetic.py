@@ -187,5 +187,5 @@ def load_synthetic(data_config) -> Dataset:
   return Dataset(name=NAME,
                  modalities={name: (d,) for name, d in zip(spec.modality_names, spec.dims)},
                  num_classes=spec.num_classes,
-                 sources=builder_utils.split_sources(
-                     builder, builder_utils.in_memory_limit_bytes(data_config)))
+                 sources=builder_utils.split_sources(builder),
+                 provenance=builder_utils.provenance(builder, "generated from config.data"))
