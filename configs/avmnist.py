@@ -15,10 +15,12 @@ One stage on its own (`get_config('<stage>[,smoke]')`, i.e. `configs/avmnist.py:
   python experiments/reproduce.py --config configs/avmnist.py:smoke --workdir /tmp/av_smoke \
       --seeds 1 --config.data.manual_dir=...   # a few steps per stage (a plumbing check)
 
-Stages (STAGES below; the official avmnist_main.py, i2m2-method.md §2-§3). All: batch 40, 30
-epochs (1375 steps of the 55,000 training rows each), SGD without momentum, weight decay 1e-4
-(L2 added after clipping), gradient clipping at global norm 8, constant learning rate, evaluation
-on the 5,000 validation rows once per epoch, checkpoint selected by validation accuracy.
+Stages (hyper-parameters in STAGE_HPARAMS below; which stage initialises which in
+experiments/recipes/avmnist.py), as in the official divyam3897/I2M2:
+avmnist_and_mimic/avmnist_main.py. All: batch 40, 30 epochs (1375 steps of the 55,000 training
+rows each), SGD without momentum, weight decay 1e-4 (L2 added after clipping), gradient clipping
+at global norm 8, constant learning rate, evaluation on the 5,000 validation rows once per epoch,
+checkpoint selected by validation accuracy.
 
   stage       model                                     lr    init from              early stop
   uni_image   LeNet(1,3,3) -> MLP(24,100,10)            0.01  scratch                no
@@ -40,11 +42,14 @@ gain in validation accuracy), i.e. after 11 such epochs in a row; here
 `early_stopping_patience = 11` evaluations (one per epoch) is the same rule. The uni-modal stages
 never stop early.
 
-Defaults and deviations (i2m2-method.md §6): BatchNorm runs in eval mode (running averages) at
-validation and test for every stage, including the uni-modal ones (the reference's uni-modal
-trainer never calls model.eval(), quirk #1); LRTF factors are trained (quirk #3); the intra
-baseline is tested as a product of experts (quirk #2); seeds seed parameters, data order and
-everything else (quirk #5). Inputs: uint8 0..255 divided by 255 on device (standardize=False).
+Defaults and deviations from the official code (README: Where we differ from the official code;
+paths in divyam3897/I2M2: avmnist_and_mimic/): BatchNorm runs in eval mode (running averages) at
+validation and test for every stage, including the uni-modal ones (the official
+training_structures/unimodal.py never calls model.eval()); LRTF factors are trained (in
+common_fusions.py they become fixed random projections on GPU); the intra baseline is tested as
+a product of experts (training_structures/intra_modality.py tests a mixture); seeds seed
+parameters, data order and everything else (avmnist_main.py's seed only names the checkpoint
+folder). Inputs: uint8 0..255 divided by 255 on device (standardize=False).
 
 `get_config()` with no argument is the I2M2 fine-tuning stage ('i2m2'): without
 config.model.init_from it trains I2M2 from scratch at the fine-tuning learning rate, which is
@@ -73,31 +78,17 @@ extrapolated to an epoch), three runs:
   ~100 ms). The default protocol (six stages, 30 epochs each, no early stop) is then ~11 h per
   seed on such a CPU: run it on a GPU. Early stopping can end the last four stages sooner.
 
-Published (third-party extraction of the paper, unverified; fusion not stated there): I2M2 test
-accuracy 72.38%. Reference levels: LeNet image-only ~65%, audio-only ~43% (third party).
+Published (Madaan et al., NeurIPS 2024, arXiv 2405.17613, as extracted by a third party and not
+verified; fusion not stated there): I2M2 test accuracy 72.38% (experiments/recipes/avmnist.py).
+Reference levels: LeNet image-only ~65%, audio-only ~43% (third party).
 """
 import ml_collections
 
 from configs import default
 
-# stage -> {expert of that stage's model: stage whose best checkpoint initialises it}, in an
-# order where every stage comes after the stages it loads.
-STAGES = {
-    "uni_image": {},
-    "uni_audio": {},
-    "inter_lf": {},
-    "inter_lrtf": {},
-    "intra": {"uni_image": "uni_image", "uni_audio": "uni_audio"},
-    "i2m2": {"uni_image": "uni_image", "uni_audio": "uni_audio", "joint": "inter_lf"},
-    "i2m2_lrtf": {"uni_image": "uni_image", "uni_audio": "uni_audio", "joint": "inter_lrtf"},
-}
-# Rows of the results table, in order.
-TABLE_ROWS = ("uni_image", "uni_audio", "intra", "inter_lf", "inter_lrtf", "i2m2", "i2m2_lrtf")
-FUSIONS = ("lf", "lrtf", "both")
 DEFAULT_STAGE = "i2m2"
-
-# (model kind, uni-modal modality, joint fusion, learning rate, early-stopping patience)
-_RECIPES = {
+# stage -> (model kind, uni-modal modality, joint fusion, learning rate, early-stopping patience)
+STAGE_HPARAMS = {
     "uni_image": ("uni", "image", "late_fusion", 0.01, -1),
     "uni_audio": ("uni", "audio", "late_fusion", 0.01, -1),
     "inter_lf": ("inter", "", "late_fusion", 0.1, 11),
@@ -106,35 +97,18 @@ _RECIPES = {
     "i2m2": ("i2m2", "", "late_fusion", 0.01, 11),
     "i2m2_lrtf": ("i2m2", "", "lrtf", 0.01, 11),
 }
-PUBLISHED_TEST_ACCURACY = 72.38  # percent, i2m2-method.md §5 (third-party extraction)
-
-
-def stages(fusion: str = "lf") -> list[str]:
-  """The stages experiments/reproduce.py runs: all, with the I2M2 joint expert initialised from
-  inter_lf ('lf', the default), inter_lrtf ('lrtf') or both I2M2 variants ('both')."""
-  if fusion not in FUSIONS:
-    raise ValueError(f"--fusion={fusion!r} is unknown; expected one of {list(FUSIONS)}.")
-  drop = {"lf": {"i2m2_lrtf"}, "lrtf": {"i2m2"}, "both": set()}[fusion]
-  return [s for s in STAGES if s not in drop]
-
-
-def published(config) -> dict[str, str]:
-  """{table row: the paper's published number} for the table's 'published' column."""
-  del config
-  text = f"{PUBLISHED_TEST_ACCURACY:.2f} (test acc)"
-  return {"i2m2": text, "i2m2_lrtf": text}
 
 
 def get_config(arg=None):
   """`arg`: comma-separated tokens: at most one stage name (default 'i2m2') and 'smoke'."""
   tokens = [t.strip() for t in (arg or "").split(",") if t.strip()]
-  unknown = [t for t in tokens if t not in STAGES and t != "smoke"]
-  stage_tokens = [t for t in tokens if t in STAGES]
+  unknown = [t for t in tokens if t not in STAGE_HPARAMS and t != "smoke"]
+  stage_tokens = [t for t in tokens if t in STAGE_HPARAMS]
   if unknown or len(stage_tokens) > 1:
     raise ValueError(f"configs/avmnist.py: bad argument {arg!r}; expected at most one stage of "
-                     f"{list(STAGES)} plus optionally 'smoke', comma-separated.")
+                     f"{list(STAGE_HPARAMS)} plus optionally 'smoke', comma-separated.")
   stage = stage_tokens[0] if stage_tokens else DEFAULT_STAGE
-  kind, modality, fusion, lr, patience = _RECIPES[stage]
+  kind, modality, fusion, lr, patience = STAGE_HPARAMS[stage]
 
   config = default.get_config()
   config.stage = stage

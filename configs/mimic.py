@@ -17,7 +17,8 @@ One model on its own:
   python experiments/reproduce.py --config configs/mimic.py:icd9_140_239,smoke --workdir /tmp/m \
       --seeds 1 --config.data.manual_dir=...   # a few steps per stage (a plumbing check)
 
-Recipe (the official mimic_main.py, i2m2-method.md §3): every model from scratch (no staging);
+Recipe (the official divyam3897/I2M2: avmnist_and_mimic/mimic_main.py; what reproduce.py runs
+and tabulates is in experiments/recipes/mimic.py): every model from scratch (no staging);
 RMSprop with PyTorch's defaults (alpha 0.99, eps 1e-8 outside the square root), lr 1e-3, no
 weight decay, gradient clipping at global norm 8, constant learning rate, batch 40, 20 epochs,
 evaluation once per epoch; the checkpoint is selected by validation accuracy (mortality) or
@@ -25,7 +26,7 @@ validation AUPRC (ICD-9 tasks, average precision of P(class 1)); early stopping 
 evaluations without a strict gain (the reference's `patience > 10`), except for the uni-modal
 models, which never stop early.
 
-Models (C = 6 for mortality, 2 for the ICD-9 tasks):
+Models (STAGE_HPARAMS below; C = 6 for mortality, 2 for the ICD-9 tasks):
 
   stage           experts
   uni_static      MLP(5,10,10) -> MLP(10,40,C)
@@ -35,8 +36,9 @@ Models (C = 6 for mortality, 2 for the ICD-9 tasks):
   i2m2            PoE(uni_static, uni_timeseries, inter)
 
 Data: z-scores with training-split statistics (set --config.data.normalize_with_all_splits=True
-for the reference's all-splits statistics, quirk #6); the reference's seeded 80/10/10 split. No
-BatchNorm in these models. Seeds seed parameters and data order (quirk #5).
+for the reference's all-splits statistics, datasets/mimic/get_data.py); the reference's seeded
+80/10/10 split. No BatchNorm in these models. Seeds seed parameters and data order (mimic_main.py's
+seed only names the checkpoint folder; README: Where we differ from the official code).
 
 Evaluation "once per epoch" is every floor(num_train / 40) steps (724 on the full data; batches
 straddle epochs), plus one at the last step.
@@ -51,22 +53,18 @@ real shapes: 40 train steps after 3 compiling ones, fastest window of 10 steps, 
   3 s; inter 2.9 ms, 2 s; i2m2 8.5 ms, 6 s (ICD-9 i2m2 the same); a 20-epoch run takes 1-2 min,
   the whole table (5 models x 3 seeds) well under an hour.
 
-Published (third-party extraction of the paper, unverified): I2M2 test accuracy 78.1% on
-mortality and 91.58% on ICD-9 140-239; none extracted for ICD-9 460-519.
+Published (Madaan et al., NeurIPS 2024, arXiv 2405.17613, as extracted by a third party and not
+verified): I2M2 test accuracy 78.1% on mortality and 91.58% on ICD-9 140-239; none extracted for
+ICD-9 460-519 (experiments/recipes/mimic.py).
 """
 import ml_collections
 
 from configs import default
 
 TASKS = ("mortality", "icd9_140_239", "icd9_460_519")
-# stage -> {expert: stage whose best checkpoint initialises it}: all from scratch on MIMIC.
-STAGES = {"uni_static": {}, "uni_timeseries": {}, "intra": {}, "inter": {}, "i2m2": {}}
-TABLE_ROWS = ("uni_static", "uni_timeseries", "intra", "inter", "i2m2")
 DEFAULT_STAGE = "i2m2"
-PUBLISHED_TEST_ACCURACY = {"mortality": 78.1, "icd9_140_239": 91.58}  # percent, §5
-
-# (model kind, uni-modal modality, early-stopping patience)
-_RECIPES = {
+# stage -> (model kind, uni-modal modality, early-stopping patience)
+STAGE_HPARAMS = {
     "uni_static": ("uni", "static", -1),
     "uni_timeseries": ("uni", "timeseries", -1),
     "intra": ("intra", "", 11),
@@ -75,34 +73,20 @@ _RECIPES = {
 }
 
 
-def stages(fusion: str = "lf") -> list[str]:
-  """The stages experiments/reproduce.py runs (MIMIC has only the late-fusion joint expert)."""
-  if fusion != "lf":
-    raise ValueError(f"--fusion={fusion!r}: MIMIC-III has only the late-fusion ('lf') joint "
-                     f"expert.")
-  return list(STAGES)
-
-
-def published(config) -> dict[str, str]:
-  """{table row: the paper's published number} for the table's 'published' column."""
-  value = PUBLISHED_TEST_ACCURACY.get(config.data.task)
-  return {} if value is None else {"i2m2": f"{value:.2f} (test acc)"}
-
-
 def get_config(arg=None):
   """`arg`: comma-separated tokens: at most one task (default 'mortality'), at most one stage
   (default 'i2m2') and optionally 'smoke'."""
   tokens = [t.strip() for t in (arg or "").split(",") if t.strip()]
   tasks = [t for t in tokens if t in TASKS]
-  stage_tokens = [t for t in tokens if t in STAGES]
-  unknown = [t for t in tokens if t not in TASKS and t not in STAGES and t != "smoke"]
+  stage_tokens = [t for t in tokens if t in STAGE_HPARAMS]
+  unknown = [t for t in tokens if t not in TASKS and t not in STAGE_HPARAMS and t != "smoke"]
   if unknown or len(tasks) > 1 or len(stage_tokens) > 1:
     raise ValueError(f"configs/mimic.py: bad argument {arg!r}; expected at most one task of "
-                     f"{list(TASKS)}, at most one stage of {list(STAGES)} and optionally "
+                     f"{list(TASKS)}, at most one stage of {list(STAGE_HPARAMS)} and optionally "
                      f"'smoke', comma-separated.")
   task = tasks[0] if tasks else "mortality"
   stage = stage_tokens[0] if stage_tokens else DEFAULT_STAGE
-  kind, modality, patience = _RECIPES[stage]
+  kind, modality, patience = STAGE_HPARAMS[stage]
 
   config = default.get_config()
   config.stage = stage

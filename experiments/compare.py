@@ -16,7 +16,9 @@ from absl import flags
 from ml_collections import config_flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from i2m2_jax import comparison, writers  # noqa: E402  pylint: disable=g-import-not-at-top
+# pylint: disable=g-import-not-at-top,wrong-import-position
+from experiments.recipes import comparison  # noqa: E402
+from i2m2_jax import studies, writers  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Data set config file.", lock_config=False)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Output folder.")
@@ -28,9 +30,9 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
   del argv
   os.makedirs(_WORKDIR.value, exist_ok=True)
-  comparison.enable_compilation_cache(_WORKDIR.value)
+  studies.enable_compilation_cache(_WORKDIR.value)
   writers.quiet_library_logs()
-  _, table = comparison.run_comparison(_CONFIG.value, _WORKDIR.value, _SEEDS.value, _MODELS.value)
+  _, table = comparison.compare(_CONFIG.value, _WORKDIR.value, _SEEDS.value, _MODELS.value)
   print(table)
   print(f"Written: {os.path.join(_WORKDIR.value, 'comparison.md')}, comparison.csv, comparison.png")
 

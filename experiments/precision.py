@@ -23,7 +23,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # pylint: disable=g-import-not-at-top,wrong-import-position
-from i2m2_jax import comparison, report, writers  # noqa: E402
+from i2m2_jax import report, studies, writers  # noqa: E402
 from i2m2_jax.datasets import load_dataset  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=False)
@@ -36,17 +36,17 @@ flags.mark_flags_as_required(["config", "workdir"])
 METRICS = ["val/accuracy", "test/accuracy", "test/nll", "train_examples_per_s"]
 
 
+def with_dtype(config, dtype: str):
+  config = config.copy_and_resolve_references()
+  config.model.compute_dtype = dtype
+  return config
+
+
 def run_precision(config, workdir: str, seeds: int, dtypes) -> tuple[dict, str]:
   """Trains every (dtype, seed); returns ({dtype: [results]}, Markdown report)."""
   dataset = load_dataset(config.data)
-  runs = {}
-  for dtype in dtypes:
-    runs[dtype] = []
-    for seed in range(config.seed, config.seed + seeds):
-      run_config = config.copy_and_resolve_references()
-      run_config.model.compute_dtype, run_config.seed = dtype, seed
-      runs[dtype].append(comparison.train_or_read(
-          run_config, os.path.join(workdir, dtype, f"seed_{seed}"), dataset))
+  runs = studies.run_study([studies.Run(dtype, with_dtype(config, dtype)) for dtype in dtypes],
+                           workdir, range(config.seed, config.seed + seeds), dataset)
   table = report.markdown_table(report.summarize_runs(runs, METRICS), METRICS)
   reference = dtypes[0]
   lines = [f"# {dataset.name}, model {config.model.kind} ({config.model.get('implementation')}):"
@@ -66,7 +66,7 @@ def run_precision(config, workdir: str, seeds: int, dtypes) -> tuple[dict, str]:
 def main(argv):
   del argv
   os.makedirs(_WORKDIR.value, exist_ok=True)
-  comparison.enable_compilation_cache(_WORKDIR.value)
+  studies.enable_compilation_cache(_WORKDIR.value)
   writers.quiet_library_logs()
   _, text = run_precision(_CONFIG.value, _WORKDIR.value, _SEEDS.value, list(_DTYPES.value))
   print(text)

@@ -19,8 +19,10 @@ from absl import app
 from absl import flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from configs import digits, synthetic  # noqa: E402  pylint: disable=g-import-not-at-top
-from i2m2_jax import comparison, report, writers  # noqa: E402  pylint: disable=g-import-not-at-top
+# pylint: disable=g-import-not-at-top,wrong-import-position
+from configs import digits, synthetic  # noqa: E402
+from experiments.recipes import comparison  # noqa: E402
+from i2m2_jax import report, studies, writers  # noqa: E402
 
 _WORKDIR = flags.DEFINE_string("workdir", "runs/quickstart", "Output folder.")
 _SEEDS = flags.DEFINE_integer("seeds", 2, "Seeds per model on digits.")
@@ -61,21 +63,20 @@ def accuracy_table(columns, models):
 def main(argv):
   del argv
   os.makedirs(_WORKDIR.value, exist_ok=True)
-  comparison.enable_compilation_cache(_WORKDIR.value)
+  studies.enable_compilation_cache(_WORKDIR.value)
   writers.quiet_library_logs()
 
-  rows, _ = comparison.run_comparison(data_config(digits), os.path.join(_WORKDIR.value, "digits"),
-                                      _SEEDS.value)
+  rows, _ = comparison.compare(data_config(digits), os.path.join(_WORKDIR.value, "digits"),
+                               _SEEDS.value)
   digits_models = [row["model"] for row in rows]
   digits_table = accuracy_table({"digits": {r["model"]: r["test/accuracy"] for r in rows}},
                                 digits_models)
 
   regimes = {}
   for regime, (_, overrides) in REGIMES.items():
-    workdir = os.path.join(_WORKDIR.value, regime)
-    os.makedirs(workdir, exist_ok=True)
-    rows, _ = comparison.run_comparison(data_config(synthetic, overrides), workdir,
-                                        _REGIME_SEEDS.value, REGIME_MODELS)
+    rows, _ = comparison.compare(data_config(synthetic, overrides),
+                                 os.path.join(_WORKDIR.value, regime), _REGIME_SEEDS.value,
+                                 REGIME_MODELS)
     regimes[regime] = {row["model"]: row["test/accuracy"] for row in rows}
 
   summary = (

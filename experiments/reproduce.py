@@ -5,34 +5,33 @@ r"""Reproduces a paper benchmark end to end: every stage of its recipe for sever
   python experiments/reproduce.py --config configs/mimic.py:icd9_140_239 --workdir runs/icd9_1 \
       --seeds 3 --config.data.manual_dir=/path/to/folder_with_im.pk
 
-The config file defines the stages (`STAGES`: stage -> {expert: stage it is initialised from},
-`stages(fusion)`, `TABLE_ROWS`, `published(config)`) and `get_config('<stage>,...')` builds each
-stage's recipe. For every stage, in dependency order, and every seed s (config.seed, +1, ...),
-the stage trains in DIR/<stage>/seed_<s> with config.seed = s and, for staged recipes,
-config.model.init_from pointing at the best checkpoints of the stages it loads *with the same
-seed* (AV-MNIST: intra from uni_image + uni_audio; i2m2 from those two + inter_lf, or inter_lrtf
-with --fusion=lrtf; --fusion=both runs both I2M2 variants, rows i2m2 and i2m2_lrtf). A stage
-whose DIR/<stage>/seed_<s>/results.json exists is skipped (its checkpoints exist); an unfinished
-one resumes from its own latest checkpoint. The data set is loaded once and shared by all runs.
+The benchmark's recipe (experiments/recipes/<data set>.py, found by config.data.name) names the
+stages, which experts each initialises from which other stage, the table's rows and columns and
+the published numbers; the config file's `get_config('<stage>,...')` builds each stage's config.
+Every stage trains for every seed s (config.seed, +1, ...) in DIR/<stage>/seed_<s> with
+config.seed = s (i2m2_jax/studies.py), a staged one after the stages it loads, with
+config.model.init_from pointing at their best checkpoints *of the same seed* (AV-MNIST: intra
+from uni_image + uni_audio; i2m2 from those two + inter_lf, or inter_lrtf with --fusion=lrtf;
+--fusion=both runs both I2M2 variants, rows i2m2 and i2m2_lrtf). A stage whose
+DIR/<stage>/seed_<s>/results.json exists is read back, not trained (its checkpoints exist); an
+unfinished one resumes from its own latest checkpoint. The data set is loaded once and shared.
 
 Other tokens of the config argument (e.g. 'smoke', the MIMIC task) and every --config.xxx=...
 override apply to every stage; a stage token in --config is ignored (all stages run), and an
 override naming a field a stage's config lacks (e.g. model.fusion_kwargs.rank outside the LRTF
 stages) is skipped for that stage. config.model.init_from is set here, per stage.
 
-Writes DIR/table.md, DIR/table.csv and DIR/table.png (test accuracy) and prints the table: one
-row per model (TABLE_ROWS), test accuracy (+ AUROC and AUPRC for binary tasks) and ECE as
-mean ± std over seeds (std with ddof=1), the paper's published I2M2 number beside ours where
-known, and the accuracy of each expert inside the product models (intra, i2m2).
+Writes DIR/table.md, DIR/table.csv and DIR/table.png and prints the table: one row per model
+(the recipe's rows), the recipe's test metrics (accuracy and ECE; AUROC and AUPRC too for the
+MIMIC ICD-9 tasks) as mean ± std over seeds (std with ddof=1), the published I2M2 number beside
+ours where known (a third-party extraction of Madaan et al., NeurIPS 2024, arXiv 2405.17613, not
+verified), and the accuracy of each expert inside the product models (intra, i2m2).
 """
 from __future__ import annotations
 
 import importlib.util
-import json
-import math
 import os
 import sys
-import time
 from typing import Any, Mapping, Sequence
 
 from absl import app
@@ -41,11 +40,14 @@ from absl import logging
 from ml_collections import config_flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from i2m2_jax import report, train_lib  # noqa: E402  pylint: disable=g-import-not-at-top
-from i2m2_jax.datasets import load_dataset  # noqa: E402  pylint: disable=g-import-not-at-top
+# pylint: disable=g-import-not-at-top,wrong-import-position
+from experiments import recipes  # noqa: E402
+from i2m2_jax import studies  # noqa: E402
+from i2m2_jax.datasets import load_dataset  # noqa: E402
+# pylint: enable=g-import-not-at-top,wrong-import-position
 
 PRODUCT_KINDS = ("intra", "i2m2")  # models whose per-expert accuracies the table shows
-PUBLISHED_COLUMN = "published I2M2 (i2m2-method.md §5, unverified)"
+PUBLISHED_COLUMN = "published I2M2 (arXiv 2405.17613, third-party extraction, unverified)"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -53,19 +55,13 @@ PUBLISHED_COLUMN = "published I2M2 (i2m2-method.md §5, unverified)"
 
 
 def load_config_module(path: str):
-  """The config file as a module (it must define get_config, STAGES, stages, TABLE_ROWS and
-  published)."""
+  """The config file as a module."""
   spec = importlib.util.spec_from_file_location(
       "reproduce_config_" + os.path.splitext(os.path.basename(path))[0], path)
   if spec is None or spec.loader is None:
     raise FileNotFoundError(f"Cannot load config file {path}.")
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
-  missing = [n for n in ("get_config", "STAGES", "stages", "TABLE_ROWS", "published")
-             if not hasattr(module, n)]
-  if missing:
-    raise ValueError(f"{path} is not a benchmark config for experiments/reproduce.py: it lacks "
-                     f"{missing} (see configs/avmnist.py).")
   return module
 
 
@@ -88,138 +84,82 @@ def _set_if_present(config, dotted: str, value) -> bool:
   return True
 
 
-def stage_config(module, stage: str, tokens: Sequence[str], overrides: Mapping[str, Any]):
-  """The config of one stage: get_config('<stage>,<other tokens>') plus the command-line
-  overrides (those naming fields this stage has)."""
-  other = [t for t in tokens if t not in module.STAGES]
-  config = module.get_config(",".join([stage] + other))
+def build_config(module, tokens: Sequence[str], overrides: Mapping[str, Any]):
+  """get_config('<tokens>') plus the command-line overrides naming fields it has."""
+  config = module.get_config(",".join(tokens))
   for dotted, value in overrides.items():
-    if dotted == "model.init_from":
-      logging.warning("--config.model.init_from is ignored: reproduce.py sets it per stage.")
-    elif not _set_if_present(config, dotted, value):
-      logging.info("Stage %s has no field %s; override not applied there.", stage, dotted)
+    if not _set_if_present(config, dotted, value):
+      logging.info("%s has no field %s; override not applied there.", ",".join(tokens), dotted)
   return config
 
 
-def run_dir(workdir: str, stage: str, seed: int) -> str:
-  return os.path.join(workdir, stage, f"seed_{seed}")
+def stage_overrides(overrides: Mapping[str, Any]) -> dict[str, Any]:
+  """The command-line overrides every stage gets: all but model.init_from, set here per stage."""
+  if "model.init_from" in overrides:
+    logging.warning("--config.model.init_from is ignored: reproduce.py sets it per stage.")
+  return {k: v for k, v in overrides.items() if k != "model.init_from"}
 
 
-def init_from(module, workdir: str, stage: str, seed: int) -> str:
-  """config.model.init_from of a stage: each loaded expert from its source stage, same seed."""
-  entries = []
-  for expert, source in module.STAGES[stage].items():
-    source_dir = os.path.abspath(run_dir(workdir, source, seed))
-    if not os.path.exists(os.path.join(source_dir, "results.json")):
-      raise RuntimeError(f"Stage {stage} (seed {seed}) loads expert {expert} from stage "
-                         f"{source}, which has not finished: no {source_dir}/results.json.")
-    entries.append(f"{expert}={source_dir}")
-  return ",".join(entries)
+def stage_config(module, recipe: recipes.Recipe, stage: str, tokens: Sequence[str],
+                 overrides: Mapping[str, Any]):
+  """The config of one stage: the --config tokens with `stage` instead of theirs."""
+  return build_config(module, [stage] + [t for t in tokens if t not in recipe.stages], overrides)
 
 
-# ---------------------------------------------------------------------------------------------
-# Running
-
-
-def run_all(module, tokens: Sequence[str], overrides: Mapping[str, Any], workdir: str,
-            seeds: int, fusion: str = "lf", dataset=None):
-  """Trains (or finds) every stage for every seed. Returns ({stage: [results.json dicts]},
-  the dataset, a stage config for the table's title)."""
-  stage_list = module.stages(fusion)
-  base = stage_config(module, stage_list[0], tokens, overrides)
-  if dataset is None:
-    dataset = load_dataset(base.data)
-  first_seed = int(base.seed)
-  runs: dict[str, list[dict]] = {}
-  for stage in stage_list:
-    runs[stage] = []
-    for seed in range(first_seed, first_seed + seeds):
-      directory = run_dir(workdir, stage, seed)
-      results_path = os.path.join(directory, "results.json")
-      if os.path.exists(results_path):
-        logging.info("Stage %s seed %d: finished already (%s); skipped.", stage, seed,
-                     results_path)
-        with open(results_path) as f:
-          runs[stage].append(json.load(f))
-        continue
-      config = stage_config(module, stage, tokens, overrides)
-      config.seed = seed
-      config.model.init_from = init_from(module, workdir, stage, seed)
-      logging.info("Stage %s seed %d in %s%s", stage, seed, directory,
-                   f" (init_from {config.model.init_from})" if config.model.init_from else "")
-      start = time.perf_counter()
-      result = train_lib.train_and_evaluate(config, directory, dataset=dataset)
-      logging.info("Stage %s seed %d: test accuracy %.4f in %.0f s.", stage, seed,
-                   result["test"]["accuracy"], time.perf_counter() - start)
-      runs[stage].append(result)
-  return runs, dataset, base
+def study_runs(module, recipe: recipes.Recipe, tokens: Sequence[str],
+               overrides: Mapping[str, Any], fusion: str) -> list[studies.Run]:
+  return [studies.Run(stage, stage_config(module, recipe, stage, tokens, overrides),
+                      recipe.stages[stage])
+          for stage in recipe.stages_for(fusion)]
 
 
 # ---------------------------------------------------------------------------------------------
 # The table
 
 
-def table_metrics(runs: Mapping[str, Sequence[Mapping[str, Any]]], num_classes: int) -> list[str]:
-  metrics = ["test/accuracy"]
-  if num_classes == 2:
-    metrics += ["test/auroc", "test/auprc"]
-  metrics.append("test/ece")
-  experts = []
-  for results in runs.values():
-    for result in results:
-      if result.get("model") in PRODUCT_KINDS:
-        experts += [e for e in result["test"].get("experts", {}) if e not in experts]
-  experts.sort(key=lambda e: (e == "joint", e))  # uni-modal experts first, then the joint one
-  return metrics + [f"test/experts/{e}" for e in experts]
+def _uni_first(expert: str) -> tuple[bool, str]:
+  return expert == "joint", expert
 
 
-def summarize(runs, metrics, row_order):
-  """report.summarize_runs in table order; per-expert cells only for product models (for the
-  others the single expert is the model itself)."""
-  ordered = {r: runs[r] for r in row_order if r in runs}
-  ordered.update({r: v for r, v in runs.items() if r not in ordered})
-  rows = report.summarize_runs(ordered, metrics)
-  for row in rows:
-    kinds = {r.get("model") for r in ordered[row["model"]]}
-    if not kinds & set(PRODUCT_KINDS):
-      for metric in metrics:
-        if "/experts/" in metric:
-          row[metric] = (math.nan, 0.0)
-  return rows
-
-
-def write_table(module, runs, dataset, config, workdir: str, seeds: int) -> str:
-  metrics = table_metrics(runs, dataset.num_classes)
-  rows = summarize(runs, metrics, module.TABLE_ROWS)
-  published = {PUBLISHED_COLUMN: module.published(config)}
-  table = report.markdown_table(rows, metrics, extra_columns=published)
+def table(recipe: recipes.Recipe, runs: studies.Runs, config, seeds: int) -> studies.Table:
+  """The recipe's metrics, then the experts inside the product models (shown for those rows
+  only: for the others the single expert is the model itself)."""
+  products = [label for label, results in runs.items()
+              if any(r.get("model") in PRODUCT_KINDS for r in results)]
+  experts = [f"test/experts/{e}"
+             for e in sorted(studies.experts_in(runs, products), key=_uni_first)]
   task = config.data.get("task", "")
-  name = f"{dataset.name}" + (f" ({task})" if task else "")
-  title = f"{name}: mean ± std over {seeds} seed(s)"
-  selection = config.selection_metric
-  with open(os.path.join(workdir, "table.md"), "w") as f:
-    f.write(
-        f"# {title}\n\n"
-        f"Test metrics of the checkpoint with the best validation {selection}, in percent. "
-        f"Rows: uni-modal experts alone (uni_*), their product (intra), the joint models "
-        f"(inter*), and I2M2 (product of the uni-modal experts and the joint one). "
-        f"test/experts/* are the accuracies of the experts inside the product models. "
-        f"The published column is a third-party extraction of the paper, not verified "
-        f"(i2m2-method.md §5). Deviations from the reference code: BatchNorm in eval mode at "
-        f"test, trained LRTF factors, intra tested as a product (i2m2-method.md §6).\n\n{table}")
-  report.write_csv(os.path.join(workdir, "table.csv"), rows, metrics, extra_columns=published)
-  report.bar_chart(os.path.join(workdir, "table.png"), rows, "test/accuracy", title)
-  return table
+  title = f"{config.data.name}{f' ({task})' if task else ''}: mean ± std over {seeds} seed(s)"
+  intro = (
+      f"Test metrics of the checkpoint with the best validation {config.selection_metric}, in "
+      f"percent. Rows: uni-modal experts alone (uni_*), their product (intra), the joint models "
+      f"(inter*), and I2M2 (product of the uni-modal experts and the joint one). "
+      f"test/experts/* are the accuracies of the experts inside the product models. "
+      f"The published column is a third-party extraction of the paper (Madaan et al., NeurIPS "
+      f"2024, arXiv 2405.17613), not verified. Deviations from the reference code "
+      f"(divyam3897/I2M2: avmnist_and_mimic/): BatchNorm in eval mode at test, trained LRTF "
+      f"factors, intra tested as a product (README: Where we differ from the official code).")
+  return studies.Table(
+      name="table", title=title, intro=intro, metrics=[*recipe.metrics, *experts],
+      chart_metric=recipe.chart_metric, rows=recipe.rows,
+      shown_for={metric: products for metric in experts},
+      extra_columns={PUBLISHED_COLUMN: recipe.published})
 
 
 def reproduce(config_filename: str, overrides: Mapping[str, Any], workdir: str, seeds: int,
-              fusion: str = "lf", dataset=None) -> str:
-  """Runs everything and writes the table; returns the Markdown table."""
+              fusion: str = "lf") -> str:
+  """Runs every stage and writes the table; returns the Markdown table."""
+  overrides = stage_overrides(overrides)
   path, tokens = split_config_argument(config_filename)
   module = load_config_module(path)
+  config = build_config(module, tokens, overrides)
+  recipe = recipes.for_config(config)
   os.makedirs(workdir, exist_ok=True)
-  runs, dataset, config = run_all(module, tokens, overrides, workdir, seeds, fusion, dataset)
-  return write_table(module, runs, dataset, config, workdir, seeds)
+  dataset = load_dataset(config.data)
+  runs = studies.run_study(study_runs(module, recipe, tokens, overrides, fusion), workdir,
+                           range(config.seed, config.seed + seeds), dataset)
+  _, markdown = studies.write_table(workdir, table(recipe, runs, config, seeds), runs)
+  return markdown
 
 
 def define_flags():
@@ -240,10 +180,10 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   FLAGS = flags.FLAGS  # pylint: disable=invalid-name
-  table = reproduce(config_flags.get_config_filename(FLAGS["config"]),
-                    config_flags.get_override_values(FLAGS["config"]), FLAGS.workdir,
-                    FLAGS.seeds, FLAGS.fusion)
-  print(table)
+  table_text = reproduce(config_flags.get_config_filename(FLAGS["config"]),
+                         config_flags.get_override_values(FLAGS["config"]), FLAGS.workdir,
+                         FLAGS.seeds, FLAGS.fusion)
+  print(table_text)
   print(f"Written: {os.path.join(FLAGS.workdir, 'table.md')}, table.csv, table.png")
 
 

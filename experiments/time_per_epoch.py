@@ -4,17 +4,17 @@ real shapes (no data files needed).
   python experiments/time_per_epoch.py --config configs/avmnist.py --steps 40
   python experiments/time_per_epoch.py --config configs/mimic.py:mortality --steps 40
 
-For each stage of the config (its STAGES): the stage's model, optimiser and batch size, the
-trainer's jitted train step fed by the trainer's input pipeline (grain over an in-memory source
-of random examples: uint8 0..255 for AV-MNIST, float32 normal for MIMIC), host sync every step as
-in the training loop. `warmup` steps (compilation included) are discarded, then `steps` steps
-are timed in windows of 10 and the fastest window is used (on a shared machine the closest to an
-idle one; the median window is printed beside it). The evaluation of `eval_examples` examples is
-timed (faster of two passes) after one compiling pass. One epoch is extrapolated as
-ceil(num_train / batch_size) train steps plus one evaluation of num_val examples (the real split
-sizes below). Not included: checkpoint saves (one per epoch, asynchronous) and
-reading from a TFDS ArrayRecord source instead of memory (AV-MNIST's training split, ~730 MB,
-exceeds the 512 MB in-memory default; ~2 ms per batch of 40).
+For each stage of the benchmark's recipe (experiments/recipes/): the stage's model, optimiser
+and batch size, the trainer's jitted train step fed by the trainer's input pipeline (grain over
+an in-memory source of random examples: uint8 0..255 for AV-MNIST, float32 normal for MIMIC),
+host sync every step as in the training loop. `warmup` steps (compilation included) are
+discarded, then `steps` steps are timed in windows of 10 and the fastest window is used (on a
+shared machine the closest to an idle one; the median window is printed beside it). The
+evaluation of `eval_examples` examples is timed (faster of two passes) after one compiling pass.
+One epoch is extrapolated as ceil(num_train / batch_size) train steps plus one evaluation of
+num_val examples (the real split sizes below). Not included: checkpoint saves (one per epoch,
+asynchronous) and reading from a TFDS ArrayRecord source instead of memory (AV-MNIST's training
+split, ~730 MB, exceeds the 512 MB in-memory default; ~2 ms per batch of 40).
 
 Prints a Markdown table and the machine (device, CPU count, load average before and after).
 """
@@ -34,6 +34,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # pylint: disable=g-import-not-at-top,wrong-import-position
+from experiments import recipes  # noqa: E402
 from i2m2_jax import input_pipeline, models, train_lib  # noqa: E402
 from i2m2_jax.datasets import Dataset  # noqa: E402
 from i2m2_jax.datasets import avmnist, mimic  # noqa: E402
@@ -115,12 +116,13 @@ def measure(config_filename: str, steps: int, warmup: int, eval_examples: int,
   import reproduce  # pylint: disable=g-import-not-at-top
   path, tokens = reproduce.split_config_argument(config_filename)
   module = reproduce.load_config_module(path)
+  recipe = recipes.for_config(reproduce.build_config(module, tokens, {}))
   load_before = os.getloadavg()
   lines = ["| stage | parameters | train step, fastest / median window (ms) | "
            "eval (ms / example) | epoch (s) | full run (min) |", "|---|---|---|---|---|---|"]
   dataset = None
-  for stage in stages or list(module.STAGES):
-    config = reproduce.stage_config(module, stage, tokens, {})
+  for stage in stages or list(recipe.stages):
+    config = reproduce.stage_config(module, recipe, stage, tokens, {})
     if dataset is None:
       dataset = fake_dataset(config, rows=max(eval_examples, 4 * config.batch_size))
     num_train, num_val = REAL_SIZES[config.data.name]
@@ -154,6 +156,6 @@ if __name__ == "__main__":
   flags.DEFINE_integer("steps", 40, "Timed train steps per stage.")
   flags.DEFINE_integer("warmup", 3, "Untimed train steps first (compilation).")
   flags.DEFINE_integer("eval_examples", 1000, "Examples in the timed evaluation.")
-  flags.DEFINE_list("stages", None, "Only these stages (default: all of the config's STAGES).")
+  flags.DEFINE_list("stages", None, "Only these stages (default: all of the recipe's).")
   flags.mark_flags_as_required(["config"])
   app.run(main)

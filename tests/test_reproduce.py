@@ -1,4 +1,5 @@
-"""The paper's recipes (configs/avmnist.py, configs/mimic.py) and experiments/reproduce.py.
+"""The paper's benchmarks: configs/avmnist.py and configs/mimic.py (each stage's hyper-parameters),
+experiments/recipes/ (stages, tables) and experiments/reproduce.py.
 
 The end-to-end tests run the documented command, `python experiments/reproduce.py`, in
 subprocesses (AV-MNIST and MIMIC side by side) on small files in MultiBench's formats (the writers
@@ -25,6 +26,9 @@ from sklearn import metrics as sk_metrics
 
 from configs import avmnist as avmnist_config
 from configs import mimic as mimic_config
+from experiments import recipes
+from experiments.recipes import avmnist as avmnist_recipe
+from experiments.recipes import mimic as mimic_recipe
 from i2m2_jax import checkpointing, input_pipeline, models, train_lib
 from i2m2_jax.datasets import Dataset, load_dataset
 from test_avmnist_mimic import mimic_arrays, write_avmnist, write_mimic
@@ -141,13 +145,18 @@ def test_avmnist_stage_recipes(stage, kind, modality, fusion, lr, patience):
 
 def test_avmnist_default_stages_and_bad_arguments():
   assert avmnist_config.get_config().stage == "i2m2"
-  assert avmnist_config.stages() == ["uni_image", "uni_audio", "inter_lf", "inter_lrtf",
+  recipe = recipes.for_config(avmnist_config.get_config("smoke"))
+  assert recipe.stages_for("lf") == ["uni_image", "uni_audio", "inter_lf", "inter_lrtf",
                                      "intra", "i2m2"]
-  assert avmnist_config.stages("lrtf")[-1] == "i2m2_lrtf"
-  assert avmnist_config.stages("both")[-2:] == ["i2m2", "i2m2_lrtf"]
-  for stage in avmnist_config.STAGES:  # every stage runs after the stages it loads
-    for source in avmnist_config.STAGES[stage].values():
-      assert list(avmnist_config.STAGES).index(source) < list(avmnist_config.STAGES).index(stage)
+  assert recipe.stages_for("lrtf")[-1] == "i2m2_lrtf" and "i2m2" not in recipe.stages_for("lrtf")
+  assert recipe.stages_for("both")[-2:] == ["i2m2", "i2m2_lrtf"]
+  # The recipe's stages are the config's, and every stage loads its experts from stages.
+  assert list(recipe.stages) == list(avmnist_config.STAGE_HPARAMS)
+  assert set(recipe.rows) == set(recipe.stages)
+  for sources in recipe.stages.values():
+    assert set(sources.values()) <= set(recipe.stages)
+  assert "test/auroc" not in recipe.metrics  # ten classes: accuracy and ECE
+  assert recipe.published == {"i2m2": "72.38 (test acc)", "i2m2_lrtf": "72.38 (test acc)"}
   with pytest.raises(ValueError, match="bad argument"):
     avmnist_config.get_config("uni_image,intra")
   with pytest.raises(ValueError, match="bad argument"):
@@ -158,7 +167,16 @@ def test_avmnist_default_stages_and_bad_arguments():
                                             ("icd9_140_239", "auprc"),
                                             ("icd9_460_519", "auprc")])
 def test_mimic_recipes(task, selection):
-  for stage in mimic_config.STAGES:
+  recipe = recipes.for_config(mimic_config.get_config(task))
+  assert list(recipe.stages) == list(recipe.rows) == list(mimic_config.STAGE_HPARAMS)
+  assert recipe.stages_for("lf") == list(recipe.stages)
+  with pytest.raises(ValueError, match="fusion"):
+    recipe.stages_for("lrtf")
+  # Binary tasks add AUROC and AUPRC; the published number is the task's.
+  assert ("test/auprc" in recipe.metrics) == (selection == "auprc")
+  assert recipe.published == {"mortality": {"i2m2": "78.10 (test acc)"},
+                              "icd9_140_239": {"i2m2": "91.58 (test acc)"}}.get(task, {})
+  for stage in mimic_config.STAGE_HPARAMS:
     config = mimic_config.get_config(f"{task},{stage}")
     assert config.data.task == task and config.selection_metric == selection
     assert (config.optimizer.name, config.optimizer.learning_rate, config.optimizer.weight_decay,
@@ -166,7 +184,7 @@ def test_mimic_recipes(task, selection):
                 "rmsprop", 1e-3, 0.0, 8.0, "constant")
     assert (config.batch_size, config.num_epochs, config.eval_every_steps) == (40, 20.0, -1)
     assert config.early_stopping_patience == (-1 if stage.startswith("uni_") else 11)
-    assert not mimic_config.STAGES[stage]  # from scratch
+    assert not recipe.stages[stage]  # from scratch
   assert mimic_config.get_config(task).stage == "i2m2"
   assert mimic_config.get_config().data.task == "mortality"
   with pytest.raises(ValueError, match="bad argument"):
@@ -174,14 +192,22 @@ def test_mimic_recipes(task, selection):
 
 
 def test_stage_config_applies_overrides_where_the_field_exists():
-  overrides = {"data.manual_dir": "/data", "model.fusion_kwargs.rank": 20, "seed": 7,
-               "model.init_from": "uni_image=elsewhere"}
-  lrtf = reproduce.stage_config(avmnist_config, "inter_lrtf", ["i2m2", "smoke"], overrides)
-  lf = reproduce.stage_config(avmnist_config, "inter_lf", ["i2m2", "smoke"], overrides)
+  overrides = reproduce.stage_overrides(
+      {"data.manual_dir": "/data", "model.fusion_kwargs.rank": 20, "seed": 7,
+       "model.init_from": "uni_image=elsewhere"})
+  assert "model.init_from" not in overrides  # set per stage, never from the command line
+  recipe = recipes.for_config(avmnist_config.get_config())
+  lrtf = reproduce.stage_config(avmnist_config, recipe, "inter_lrtf", ["i2m2", "smoke"],
+                                overrides)
+  lf = reproduce.stage_config(avmnist_config, recipe, "inter_lf", ["i2m2", "smoke"], overrides)
   assert lrtf.stage == "inter_lrtf" and lrtf.num_train_steps == 4
   assert lrtf.data.manual_dir == lf.data.manual_dir == "/data" and lrtf.seed == lf.seed == 7
   assert lrtf.model.fusion_kwargs.rank == 20 and "rank" not in lf.model.fusion_kwargs
-  assert lrtf.model.init_from == ""  # set by reproduce per stage, never from the command line
+  runs = reproduce.study_runs(avmnist_config, recipe, ["smoke"], overrides, "lrtf")
+  assert [r.label for r in runs] == recipe.stages_for("lrtf")
+  assert dict(runs[-1].init_from) == avmnist_recipe.STAGES["i2m2_lrtf"]
+  with pytest.raises(ValueError, match="No benchmark recipe for data set 'synthetic'"):
+    recipes.for_config(ml_collections.ConfigDict({"data": {"name": "synthetic"}}))
   assert reproduce.split_config_argument("configs/mimic.py:icd9_140_239, smoke") == (
       "configs/mimic.py", ["icd9_140_239", "smoke"])
 
@@ -363,7 +389,7 @@ def test_mimic_icd9_reproduce_selects_by_auprc(chains):
           "test/experts/joint_mean"} <= set(rows[0])
   assert rows[-1][reproduce.PUBLISHED_COLUMN] == "91.58 (test acc)"
   assert not glob.glob(str(root / "spy" / "*.pkl"))  # MIMIC: every model from scratch
-  for stage in mimic_config.STAGES:
+  for stage in mimic_recipe.STAGES:
     directory = workdir / stage / "seed_0"
     result = json.loads((directory / "results.json").read_text())
     assert 0 <= result["test"]["auprc"] <= 1 and 0 <= result["val"]["auroc"] <= 1
