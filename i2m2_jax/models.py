@@ -120,8 +120,8 @@ def expert_layout(model_config, input_keys: Sequence[str]) -> dict[str, tuple[st
     modality = model_config.get("modality", "")
     name = uni_expert_name(modality)
     if name not in available:
-      raise ValueError(f"config.model.modality={modality!r} has no uni-modal expert; expected "
-                       f"one of {[n[len(UNI_PREFIX):] for n in unis]}.")
+      raise ValueError(f"config.model.modality={modality!r} is not a modality with a uni-modal "
+                       f"expert; expected one of {[n[len(UNI_PREFIX):] for n in unis]}.")
     names = [name]
   elif kind in ("i2m2", "intra", "inter"):
     needs_unis, needs_joint = kind != "inter", kind != "intra"
@@ -135,6 +135,16 @@ def expert_layout(model_config, input_keys: Sequence[str]) -> dict[str, tuple[st
     raise ValueError(f"config.model.kind={kind!r} is unknown; expected one of "
                      f"{list(MODEL_KINDS)}.")
   return {n: available[n] for n in names}
+
+
+def check_named_inputs(model_config, input_keys: Sequence[str]) -> None:
+  """The per-input config fields name inputs the data has (a misspelt one would be ignored)."""
+  for field in ("encoders", "encoder_kwargs", "joint_encoder_kwargs"):
+    unknown = [k for k in config_mapping(model_config.get(field), f"config.model.{field}")
+               if k not in input_keys]
+    if unknown:
+      raise ValueError(f"config.model.{field} names modality {unknown[0]!r}, which the data set "
+                       f"does not have; expected one of {list(input_keys)}.")
 
 
 def experts_without(layout: Mapping[str, Sequence[str]], missing: str) -> tuple[bool, ...]:
@@ -208,6 +218,7 @@ def build_model(model_config, modality_shapes: Mapping[str, Sequence[int]],
   if len(modality_shapes) < 1:
     raise ValueError("The data set has no modality.")
   output_shape = (output_shape,) if isinstance(output_shape, int) else tuple(output_shape)
+  check_named_inputs(model_config, list(modality_shapes))
   layout = expert_layout(model_config, list(modality_shapes))
   implementation = model_config.get("implementation", "plain") or "plain"
   if implementation not in IMPLEMENTATIONS:

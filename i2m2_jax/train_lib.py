@@ -132,8 +132,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       return json.load(f)
   if not start_step and config.model.get("init_from"):
     state = checkpointing.load_expert_init(state, config.model.init_from, mesh)
-  writer = writers.MetricWriter(workdir, enabled=is_main,
-                                resume_step=start_step if start_step else None)
+  # From the restored step on (0 for a new run): what was logged after it is replaced.
+  writer = writers.MetricWriter(workdir, enabled=is_main, resume_step=start_step)
   _record_start(config, workdir, start_step, meta, writer, exp.schedule,
                 len(dataset.sources["train"]), is_main)
 

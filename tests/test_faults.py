@@ -20,9 +20,11 @@ import optax
 import pytest
 
 from configs import synthetic
-from i2m2_jax import checkpointing, input_pipeline, models, train_lib
+from helpers import MODALITIES, NUM_CLASSES, apply_overrides, make_split
+from i2m2_jax import (checkpointing, evaluation, input_pipeline, modules, sharding, steps, tasks,
+                      train_lib)
 from i2m2_jax.datasets import Dataset
-from test_train_lib import NUM_CLASSES, MODALITIES, apply_overrides, make_split
+from i2m2_jax.experiment import build_experiment, make_preprocess
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -32,7 +34,7 @@ def fast_config(kind="i2m2", **overrides):
   config = ml_collections.ConfigDict(synthetic.get_config("smoke").to_dict())
   config.model.kind = kind
   config.model.head_hidden = (16,)
-  config.model.encoders = {"a": "mlp", "b": "mlp"}
+  config.model.encoders = "a=mlp,b=mlp"
   config.model.encoder_kwargs = {"a": {"features": (16,)}, "b": {"features": (16,)}}
   config.batch_size = 16
   config.eval_batch_size = 16
@@ -194,14 +196,13 @@ def test_sigkill_and_sigterm_then_resume_match_an_uninterrupted_run(tmp_path, tm
     same_results(json.load(f), full)
   chex.assert_trees_all_equal(saved_state(workdir, 80), saved_state(tmp_path / "full", 80))
 
-  def val_rows(path):
-    rows = {}
+  def logged(path):
+    """The logged rows without timings; each step once (replayed steps replace their rows)."""
     with open(path / "metrics.jsonl") as f:
-      for row in map(json.loads, f):
-        if "val/accuracy" in row:
-          rows[row["step"]] = row  # a replayed step's last row wins
+      rows = [{k: v for k, v in row.items() if "per_s" not in k} for row in map(json.loads, f)]
+    assert len({row["step"] for row in rows}) == len(rows)
     return rows
-  assert val_rows(workdir) == val_rows(tmp_path / "full")
+  assert logged(workdir) == logged(tmp_path / "full")
 
 
 def test_partial_and_truncated_latest_steps_resume_from_the_previous_complete_one(
@@ -295,31 +296,27 @@ def test_huge_learning_rate_stops_and_keeps_the_last_good_checkpoint(dataset, ba
 ])
 def test_check_finite_names_loss_gradients_and_parameters(sums, expected):
   with pytest.raises(train_lib.NonFiniteError, match=expected):
-    train_lib._check_finite(7, sums, 6)
-  train_lib._check_finite(7, {"loss_sum": 1.0, "nonfinite/a": 0.0, "nonfinite_grads/a": 0.0,
+    train_lib.check_finite(7, sums, 6)
+  train_lib.check_finite(7, {"loss_sum": 1.0, "nonfinite/a": 0.0, "nonfinite_grads/a": 0.0,
                               "nonfinite_params": 0.0}, 6)
 
 
 def test_step_reports_non_finite_gradients_of_each_expert(dataset):
-  config = fast_config()
-  mesh = train_lib.make_mesh()
-  model = models.build_model(config.model, dataset.modalities, dataset.num_classes)
-  tx = train_lib.create_optimizer(config.optimizer, 10)
-  example = {m: jnp.zeros((1,) + s) for m, s in dataset.modalities.items()}
-  state = train_lib.create_train_state(model, tx, example, jax.random.key(0), mesh)
+  exp = build_experiment(fast_config(), dataset)
+  state, mesh = exp.state, exp.mesh
   # A NaN weight in uni_b's head: its logits, the loss and every gradient turn NaN.
   params = jax.tree.map(np.array, jax.device_get(state.params))  # writable copies
   params["uni_b"]["head"]["dense_0"]["kernel"][0, 0] = np.nan
-  state = state.replace(params=jax.device_put(params, train_lib.replicated(mesh)))
-  step = train_lib.jit_train_step(train_lib.make_preprocess(dataset, None), mesh)
+  state = state.replace(params=jax.device_put(params, sharding.replicated(mesh)))
+  step = steps.jit_train_step(exp.task, exp.preprocess, mesh)
   it = input_pipeline.train_batches(dataset.sources["train"], batch_size=16, seed=0,
                                     modalities=list(MODALITIES), prefetch=0)
-  _, sums = step(state, train_lib.global_batch(next(it), mesh))
-  sums = train_lib.to_host(sums)
+  _, sums = step(state, sharding.global_batch(next(it), mesh))
+  sums = sharding.to_host(sums)
   assert sums["nonfinite/uni_b"] == 1 and sums["nonfinite/uni_a"] == 0
   assert sums["nonfinite_grads/uni_b"] == 1 and sums["nonfinite_params"] == 1
   with pytest.raises(train_lib.NonFiniteError, match=r"logits: \['uni_b'\]"):
-    train_lib._check_finite(1, sums)
+    train_lib.check_finite(1, sums)
 
 
 def test_nan_in_the_train_split_fails_before_training_when_standardising(tmp_path):
@@ -348,9 +345,9 @@ def test_unknown_config_field_fails_on_the_command_line(tmp_path):
 
 
 def test_modality_names_in_the_config_are_checked(dataset, tmp_path):
-  with pytest.raises(ValueError, match=r"config.model.encoders names modality 'c', which data set "
-                                       r"'tiny' does not have; expected one of \['a', 'b'\]"):
-    train_lib.train_and_evaluate(fast_config(**{"model.encoders": {"a": "mlp", "c": "mlp"}}),
+  with pytest.raises(ValueError, match=r"config.model.encoders names modality 'c', which the data "
+                                       r"set does not have; expected one of \['a', 'b'\]"):
+    train_lib.train_and_evaluate(fast_config(**{"model.encoders": "a=mlp,c=mlp"}),
                                  str(tmp_path / "a"), dataset=dataset)
   with pytest.raises(ValueError, match=r"config.model.modality='c' is not a modality .*\['a', 'b'\]"):
     train_lib.train_and_evaluate(fast_config("uni", **{"model.modality": "c"}),
@@ -361,7 +358,7 @@ def test_modality_names_in_the_config_are_checked(dataset, tmp_path):
 def test_resuming_another_models_checkpoint_fails_before_training(dataset, baseline, tmp_path):
   workdir = copy_of(baseline, tmp_path)
   before = complete_steps(workdir)
-  with pytest.raises(train_lib.CheckpointMismatchError) as error:
+  with pytest.raises(checkpointing.CheckpointMismatchError) as error:
     train_lib.train_and_evaluate(fast_config(**{"model.head_hidden": (8,)}), workdir,
                                  dataset=dataset)
   message = str(error.value)
@@ -369,7 +366,7 @@ def test_resuming_another_models_checkpoint_fails_before_training(dataset, basel
   assert "config.model.head_hidden: now [8], checkpoint [16]" in message
   assert ("params/joint/head/dense_0/kernel has (32, 16) float32 in the checkpoint but (32, 8) "
           "float32 in the model") in message, message
-  with pytest.raises(train_lib.CheckpointMismatchError,
+  with pytest.raises(checkpointing.CheckpointMismatchError,
                      match=r"config.model.kind: now 'intra', checkpoint 'i2m2'.*"
                            r"params/joint/.* is in the checkpoint but not in the model"):
     train_lib.train_and_evaluate(fast_config("intra"), workdir, dataset=dataset)
@@ -380,7 +377,7 @@ def test_resuming_another_models_checkpoint_fails_before_training(dataset, basel
 def test_init_from_a_checkpoint_of_other_shapes_names_the_arrays(dataset, baseline, tmp_path):
   full_dir, _ = baseline
   config = fast_config(**{"model.head_hidden": (8,), "model.init_from": f"uni_a={full_dir}"})
-  with pytest.raises(train_lib.CheckpointMismatchError,
+  with pytest.raises(checkpointing.CheckpointMismatchError,
                      match=rf"config.model.init_from: {re.escape(full_dir)} \(uni_a params\) does "
                            r"not match the model: head/dense_0/bias has \(16,\) float32 in the "
                            r"checkpoint but \(8,\) float32 in the model"):
@@ -410,11 +407,16 @@ class Mix(nn.Module):
 FAKE_EXPERTS = {"uni_a": Echo("a"), "uni_b": Echo("b"), "joint": Mix()}
 
 
+FAKE_READS = {"uni_a": ("a",), "uni_b": ("b",), "joint": ("a", "b")}
+
+
 def fake_state(expert_names, mesh):
-  model = models.MultiModalClassifier(tuple((n, FAKE_EXPERTS[n]) for n in expert_names))
-  state = train_lib.TrainState.create(apply_fn=model.apply, params={}, tx=optax.sgd(0.1),
-                                      batch_stats={}, dropout_rng=jnp.zeros(2, jnp.uint32))
-  return jax.device_put(state, train_lib.replicated(mesh))
+  """(state, layout) of a classifier of fake experts."""
+  model = modules.MultiModalClassifier(tuple((n, FAKE_EXPERTS[n]) for n in expert_names))
+  state = steps.TrainState.create(apply_fn=model.apply, params={}, tx=optax.sgd(0.1),
+                                  batch_stats={}, dropout_rng=jnp.zeros(2, jnp.uint32))
+  return (jax.device_put(state, sharding.replicated(mesh)),
+          {n: FAKE_READS[n] for n in expert_names})
 
 
 def log_softmax(x):
@@ -432,9 +434,14 @@ def test_missing_modality_evaluation_matches_a_hand_computation():
   source = input_pipeline.InMemorySource({"a": a, "b": b, "label": label})
   data = Dataset(name="fake", modalities={"a": (c,), "b": (c,)}, num_classes=c,
                  sources={"train": source, "val": source, "test": source})
-  mesh = train_lib.make_mesh()
-  preprocess = train_lib.make_preprocess(data, None)
-  state = fake_state(["uni_a", "uni_b", "joint"], mesh)  # i2m2
+  mesh = sharding.make_mesh()
+  preprocess = make_preprocess(list(data.modalities), None)
+  task = tasks.MulticlassTask(c)
+  state, layout = fake_state(["uni_a", "uni_b", "joint"], mesh)  # i2m2
+
+  def without(state, layout, missing, source=source, **kwargs):
+    return evaluation.evaluate_without(state, missing, source, data, task, layout, 8, mesh,
+                                       preprocess=preprocess, **kwargs)
 
   def hand(logp):
     return {"accuracy": np.mean(logp.argmax(-1) == label),
@@ -446,38 +453,32 @@ def test_missing_modality_evaluation_matches_a_hand_computation():
     assert result["accuracy"] == pytest.approx(want["accuracy"], abs=1e-12)
     assert result["nll"] == pytest.approx(want["nll"], rel=1e-5)
 
-  full = train_lib.evaluate(train_lib.jit_eval_step(preprocess, mesh), state, source, data, 8, mesh)
+  full = evaluation.evaluate(steps.jit_eval_step(task, preprocess, mesh), state, source, data,
+                             task, 8, mesh)
   check(full, log_softmax(log_softmax(a) + log_softmax(b) + log_softmax(a - 0.5 * b)))
-  without_b = train_lib.evaluate_without(state, "b", source, data, 8, mesh, preprocess=preprocess)
+  without_b = without(state, layout, "b")
   check(without_b, log_softmax(a))  # the product of the remaining uni-modal expert: uni_a
   assert without_b["experts_used"] == ["uni_a"] and set(without_b["experts"]) == {"uni_a"}
-  without_a = train_lib.evaluate_without(state, "a", source, data, 8, mesh, preprocess=preprocess)
-  check(without_a, log_softmax(b))
+  check(without(state, layout, "a"), log_softmax(b))
 
   # The missing modality's values are never used: NaN there changes nothing.
   nan_b = input_pipeline.InMemorySource({"a": a, "b": np.full_like(b, np.nan), "label": label})
-  assert train_lib.evaluate_without(state, "b", nan_b, data, 8, mesh,
-                                    preprocess=preprocess) == without_b
+  assert without(state, layout, "b", source=nan_b) == without_b
 
   # intra: the same experts without the joint one.
-  intra = fake_state(["uni_a", "uni_b"], mesh)
-  check(train_lib.evaluate_without(intra, "a", source, data, 8, mesh, preprocess=preprocess),
-        log_softmax(b))
+  check(without(*fake_state(["uni_a", "uni_b"], mesh), "a"), log_softmax(b))
 
   # inter, and uni on the missing modality, cannot: an error, not a number.
-  inter = fake_state(["joint"], mesh)
   with pytest.raises(ValueError, match=r"config.model.kind='inter' cannot predict without "
                                        r"modality 'a': every expert it has \(\['joint'\]\)"):
-    train_lib.evaluate_without(inter, "a", source, data, 8, mesh, preprocess=preprocess,
-                               kind="inter")
-  uni_a = fake_state(["uni_a"], mesh)
+    without(*fake_state(["joint"], mesh), "a", kind="inter")
+  uni_a, uni_a_layout = fake_state(["uni_a"], mesh)
   with pytest.raises(ValueError, match=r"kind='uni' cannot predict without modality 'a'"):
-    train_lib.evaluate_without(uni_a, "a", source, data, 8, mesh, preprocess=preprocess,
-                               kind="uni")
+    without(uni_a, uni_a_layout, "a", kind="uni")
   with pytest.raises(ValueError, match=r"modality 'c': it is not a modality"):
-    train_lib.evaluate_without(state, "c", source, data, 8, mesh, preprocess=preprocess)
-  report = train_lib.evaluate_missing_modalities(uni_a, source, data, 8, mesh,
-                                                 preprocess=preprocess, kind="uni")
+    without(state, layout, "c")
+  report = evaluation.evaluate_missing_modalities(uni_a, source, data, task, uni_a_layout, 8,
+                                                  mesh, preprocess=preprocess, kind="uni")
   assert "cannot predict without modality 'a'" in report["a"]["unavailable"]
   check(report["b"], log_softmax(a))
 

@@ -1,143 +1,22 @@
-"""The trainer: steps, parallel forms, padded evaluation, checkpoints, resume and expert init."""
-import functools
+"""The trainer end to end: results, resume, logs, expert initialisation, checkpoint selection and
+config errors."""
 import json
 import os
+import shutil
 
 import chex
 import jax
-import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 
-from configs import default
-from i2m2_jax import checkpointing, input_pipeline, models, train_lib
-from i2m2_jax.datasets import Dataset
-
-NUM_CLASSES = 3
-MODALITIES = {"a": (6,), "b": (4, 3)}
-
-
-def make_split(n, seed):
-  """Two modalities with a learnable signal: a's first features and b's mean carry the label."""
-  rng = np.random.default_rng(seed)
-  label = rng.integers(0, NUM_CLASSES, n)
-  a = rng.normal(size=(n, 6)).astype(np.float32)
-  a[np.arange(n), label] += 2.5
-  b = rng.normal(size=(n, 4, 3)).astype(np.float32)
-  b[np.arange(n), :, label] += 1.5
-  return input_pipeline.InMemorySource({"a": a, "b": b, "label": label.astype(np.int64)})
+from helpers import NUM_CLASSES, tiny_config, tiny_dataset
+from i2m2_jax import checkpointing, sharding, steps, train_lib
+from i2m2_jax.experiment import build_experiment
 
 
 @pytest.fixture(scope="module")
 def dataset():
-  return Dataset(name="tiny", modalities=MODALITIES, num_classes=NUM_CLASSES,
-                 sources={"train": make_split(128, 0), "val": make_split(40, 1),
-                          "test": make_split(44, 2)})
-
-
-def tiny_config(kind="i2m2", **overrides):
-  config = default.get_config()
-  config.model.kind = kind
-  config.model.head_hidden = (16,)
-  config.model.encoder_kwargs = {"a": {"features": (16,)}, "b": {"hidden": 8}}
-  config.batch_size = 16
-  config.eval_batch_size = 16
-  config.num_train_steps = 12
-  config.eval_every_steps = 6
-  config.log_every_steps = 3
-  config.optimizer.learning_rate = 3e-3
-  config.optimizer.schedule = "constant"
-  return apply_overrides(config, overrides)
-
-
-def apply_overrides(config, overrides):
-  """Sets config fields named by dotted keys ({'optimizer.learning_rate': 0.1}), as the command
-  line's --config.optimizer.learning_rate=0.1 does; returns config."""
-  for key, value in overrides.items():
-    node = config
-    *path, last = key.split(".")
-    for p in path:
-      node = node[p]
-    node[last] = value
-  return config
-
-
-def setup(dataset, config):
-  mesh = train_lib.make_mesh()
-  model = models.build_model(config.model, dataset.modalities, dataset.num_classes)
-  preprocess = train_lib.make_preprocess(dataset, None)
-  tx = train_lib.create_optimizer(config.optimizer, config.num_train_steps)
-  example = {m: jnp.zeros((1,) + s) for m, s in dataset.modalities.items()}
-  state = train_lib.create_train_state(model, tx, example, jax.random.key(0), mesh)
-  return mesh, preprocess, state
-
-
-def batches(dataset, config, n):
-  it = input_pipeline.train_batches(dataset.sources["train"], batch_size=config.batch_size,
-                                    seed=0, modalities=list(dataset.modalities), prefetch=0)
-  return [next(it) for _ in range(n)]
-
-
-def test_train_step_lowers_loss_without_recompiling(dataset):
-  config = tiny_config()
-  mesh, preprocess, state = setup(dataset, config)
-  step = train_lib.jit_train_step(preprocess, mesh,
-                                  step_fn=chex.assert_max_traces(train_lib.train_step, n=1))
-  fixed = train_lib.global_batch(batches(dataset, config, 1)[0], mesh)
-  losses = []
-  for _ in range(15):
-    state, sums = step(state, fixed)
-    losses.append(float(sums["loss_sum"]) / float(sums["count"]))
-  assert losses[-1] < 0.5 * losses[0]
-  assert int(state.step) == 15
-
-
-def test_eval_is_exact_over_padded_batches_without_recompiling(dataset):
-  config = tiny_config()
-  mesh, preprocess, state = setup(dataset, config)
-  eval_fn = train_lib.jit_eval_step(preprocess, mesh,
-                                    step_fn=chex.assert_max_traces(train_lib.eval_step, n=1))
-  source = dataset.sources["test"]  # 44 examples: 2 full batches of 16 and one padded
-  result = train_lib.evaluate(eval_fn, state, source, dataset, 16, mesh)
-  # Reference: the model on all 44 examples at once, accuracy and NLL in float64.
-  full = input_pipeline.gather_batch(source, range(len(source)), list(MODALITIES))
-  out = state.apply_fn({"params": state.params}, preprocess(full["inputs"]), train=False)
-  logp = np.asarray(out["log_probs"], np.float64)
-  labels = full["label"]
-  assert result["accuracy"] == pytest.approx(np.mean(logp.argmax(-1) == labels), abs=1e-9)
-  assert result["nll"] == pytest.approx(-np.mean(logp[np.arange(len(labels)), labels]), rel=1e-5)
-  joint = np.asarray(out["expert_logits"]["joint"])
-  assert result["experts"]["joint"] == pytest.approx(np.mean(joint.argmax(-1) == labels))
-  assert set(result["experts"]) == {"uni_a", "uni_b", "joint"}
-
-
-def test_jit_and_pmap_steps_give_the_same_parameters(dataset):
-  assert jax.device_count() == 2, "conftest.py sets two fake CPU devices"
-  config = tiny_config()
-  mesh, preprocess, state = setup(dataset, config)
-  data = batches(dataset, config, 4)
-  initial_kernel = np.asarray(state.params["joint"]["head"]["dense_0"]["kernel"])  # donated below
-  jit_step = train_lib.jit_train_step(preprocess, mesh)
-  pmap_step = train_lib.pmapped_train_step(preprocess)
-  pmap_state = train_lib.replicate_for_pmap(state)
-  jit_state = state
-  for local in data:
-    jit_state, jit_sums = jit_step(jit_state, train_lib.global_batch(local, mesh))
-    pmap_state, pmap_sums = pmap_step(pmap_state, train_lib.split_for_pmap(local))
-  np.testing.assert_allclose(float(jit_sums["loss_sum"]), float(pmap_sums["loss_sum"][0]), rtol=1e-5)
-  pmap_params = jax.device_get(jax.tree.map(lambda x: x[0], pmap_state.params))
-  chex.assert_trees_all_close(jax.device_get(jit_state.params), pmap_params, rtol=1e-5, atol=1e-6)
-  # And the parameters did move: the comparison is not between two untouched states.
-  assert not np.allclose(initial_kernel, pmap_params["joint"]["head"]["dense_0"]["kernel"])
-
-
-def test_batch_is_sharded_over_the_data_axis(dataset):
-  config = tiny_config()
-  mesh, _, _ = setup(dataset, config)
-  batch = train_lib.global_batch(batches(dataset, config, 1)[0], mesh)
-  shards = batch["inputs"]["a"].addressable_shards
-  assert len(shards) == 2 and shards[0].data.shape == (8, 6)
+  return tiny_dataset()
 
 
 def read_jsonl(path):
@@ -175,7 +54,7 @@ def test_next_step_is_dispatched_before_the_host_waits_for_the_last(dataset, tmp
   """One step in flight: step n+1 goes to the device before step n's metric sums are read, except
   where step n is evaluated or saved (its sums are checked first)."""
   events, sums_step = [], {}
-  make_step, read = train_lib.jit_train_step, train_lib.to_host
+  make_step, read = steps.jit_train_step, sharding.to_host
 
   def recording_jit_train_step(*args, **kwargs):
     step_fn = make_step(*args, **kwargs)
@@ -192,8 +71,8 @@ def test_next_step_is_dispatched_before_the_host_waits_for_the_last(dataset, tmp
       events.append(("read", sums_step[id(tree)]))
     return read(tree)
 
-  monkeypatch.setattr(train_lib, "jit_train_step", recording_jit_train_step)
-  monkeypatch.setattr(train_lib, "to_host", recording_to_host)
+  monkeypatch.setattr(steps, "jit_train_step", recording_jit_train_step)
+  monkeypatch.setattr(sharding, "to_host", recording_to_host)
   train_lib.train_and_evaluate(tiny_config(num_train_steps=8, eval_every_steps=4),
                                str(tmp_path / "run"), dataset=dataset)
   order = {event: i for i, event in enumerate(events)}
@@ -220,17 +99,14 @@ def test_expert_initialised_from_another_runs_checkpoint(dataset, tmp_path):
     saved = ckpt.restore_raw(ckpt.best_step())["params"]["uni_a"]
 
   config = tiny_config(**{"model.init_from": f"uni_a={uni_dir}"})
-  mesh = train_lib.make_mesh()
-  model = models.build_model(config.model, dataset.modalities, dataset.num_classes)
-  tx = train_lib.create_optimizer(config.optimizer, 10)
-  example = {m: jnp.zeros((1,) + s) for m, s in dataset.modalities.items()}
-  fresh = train_lib.create_train_state(model, tx, example, jax.random.key(0), mesh)
-  loaded = train_lib.load_expert_init(fresh, config.model.init_from, mesh)
+  exp = build_experiment(config, dataset, stats=None)
+  fresh, mesh = exp.state, exp.mesh
+  loaded = checkpointing.load_expert_init(fresh, config.model.init_from, mesh)
   chex.assert_trees_all_equal(jax.device_get(loaded.params["uni_a"]), saved)
   chex.assert_trees_all_equal(jax.device_get(loaded.params["joint"]),
                               jax.device_get(fresh.params["joint"]))
   with pytest.raises(ValueError, match="expert 'uni_c'"):
-    train_lib.load_expert_init(fresh, f"uni_c={uni_dir}", mesh)
+    checkpointing.load_expert_init(fresh, f"uni_c={uni_dir}", mesh)
 
 
 def test_config_errors_fail_before_training(dataset, tmp_path):
@@ -243,63 +119,73 @@ def test_config_errors_fail_before_training(dataset, tmp_path):
   assert not os.path.exists(str(tmp_path / "a" / "checkpoints"))
 
 
-def test_eval_steps_compile_convolutions_with_xlas_own_implementation_on_cpu():
-  """Training keeps XLA's library (YNNPACK) convolutions, evaluation uses XLA's own: the choice
-  measured faster for each (train_lib._CPU_EVAL_OPTIONS)."""
-  if jax.default_backend() != "cpu":
-    pytest.skip("CPU compile options")
-  x, k = jnp.ones((2, 8, 8, 24)), jnp.ones((3, 3, 24, 32))  # > 16 channels: library-eligible
-  conv = lambda x, k: jax.lax.conv_general_dilated(x, k, (1, 1), "SAME",  # noqa: E731
-                                                   dimension_numbers=("NHWC", "HWIO", "NHWC"))
-
-  def compiled(train):
-    return jax.jit(conv, compiler_options=train_lib.compiler_options(train)).lower(
-        x, k).compile().as_text()
-
-  assert "__ynn_fusion" in compiled(True)
-  text = compiled(False)
-  assert "__ynn_fusion" not in text and " convolution(" in text
-  # An option this XLA does not know is dropped, not fatal.
-  assert not train_lib._accepted((("xla_cpu_no_such_option", True),))
-
-
-def _random_tree(seed, scale=1.0):
-  rng = np.random.default_rng(seed)
-  return {"w": jnp.asarray(rng.normal(size=(3, 5)) * scale, jnp.float32),
-          "x": {"b": jnp.asarray(rng.normal(size=(7,)) * scale, jnp.float32),
-                "k": jnp.asarray(rng.normal(size=(2, 2, 3)) * scale, jnp.float32)},
-          "step": jnp.asarray(3, jnp.int32)}  # integer leaves are not part of the norm
-
-
-@pytest.mark.parametrize("scale", [0.1, 10.0])  # the clip off, then on
-def test_clip_by_global_norm_matches_float64_reference_and_optax(scale):
-  tree = _random_tree(0, scale)
-  floats = [np.asarray(x, np.float64) for x in jax.tree.leaves(tree) if x.dtype == jnp.float32]
-  norm = np.sqrt(sum(np.sum(x * x) for x in floats))
-  np.testing.assert_allclose(float(train_lib.squared_norm(tree)), norm ** 2, rtol=1e-6)
-  grads = {k: v for k, v in tree.items() if k != "step"}
-  ours, _ = train_lib.clip_by_global_norm(4.0).update(grads, optax.EmptyState())
-  theirs, _ = optax.clip_by_global_norm(4.0).update(grads, optax.EmptyState())
-  factor = min(1.0, 4.0 / norm)
-  for got, ref, want in zip(jax.tree.leaves(ours), jax.tree.leaves(theirs), jax.tree.leaves(grads)):
-    np.testing.assert_allclose(np.asarray(got), np.asarray(want, np.float64) * factor, rtol=1e-6)
-    np.testing.assert_allclose(np.asarray(got), np.asarray(ref), rtol=1e-6)
-
-
-def test_non_finite_flags_are_exact():
-  tree = _random_tree(1)
-  huge = {"a": jnp.asarray([1e30, -2.0], jnp.float32)}  # finite, but its squared norm overflows
-  assert float(train_lib._any_nonfinite(tree)) == 0.0
-  assert float(train_lib._any_nonfinite(huge)) == 0.0
-  assert float(train_lib._nonfinite_norm(huge)) == 1.0  # clipping cannot use that norm
-  for bad in (np.nan, np.inf, -np.inf):
-    hit = jax.tree.map(lambda x: x, tree)
-    hit["x"]["k"] = hit["x"]["k"].at[1, 0, 2].set(bad)
-    assert float(train_lib._any_nonfinite(hit)) == 1.0
-    assert float(train_lib._nonfinite_norm(hit)) == 1.0
-
-
 def test_non_finite_loss_stops_with_the_step_and_expert(dataset, tmp_path):
   config = tiny_config(**{"optimizer.learning_rate": 1e30, "optimizer.grad_clip_norm": 0.0})
   with pytest.raises(train_lib.NonFiniteError, match=r"step \d+; experts with non-finite logits"):
     train_lib.train_and_evaluate(config, str(tmp_path / "nan"), dataset=dataset)
+
+
+def val_rows(workdir):
+  return [row for row in read_jsonl(os.path.join(workdir, "metrics.jsonl")) if "val/nll" in row]
+
+
+@pytest.mark.parametrize("metric", ["nll", "ece", "accuracy"])
+def test_best_checkpoint_follows_the_metrics_direction(dataset, tmp_path, metric):
+  """nll and ece: lower is better; accuracy: higher (among equal values, the latest step)."""
+  workdir = str(tmp_path / metric)
+  config = tiny_config(num_train_steps=10, eval_every_steps=2, selection_metric=metric,
+                       **{"optimizer.learning_rate": 3e-2})
+  results = train_lib.train_and_evaluate(config, workdir, dataset=dataset)
+  values = {row["step"]: row[f"val/{metric}"] for row in val_rows(workdir)}
+  assert len(set(values.values())) > 1  # the choice matters
+  best = (min if metric != "accuracy" else max)(values.values())
+  assert results["best_step"] == max(s for s, v in values.items() if v == best)
+  assert results["selection_metric"] == metric
+  assert results["val"][metric] == pytest.approx(best)
+
+
+def test_an_unknown_selection_metric_fails_before_anything_is_written(dataset, tmp_path):
+  for metric, allowed in (("acc", "'accuracy', 'ece', 'nll'"), ("auprc", "auroc and auprc need 2")):
+    with pytest.raises(ValueError, match=f"config.selection_metric='{metric}'.*{allowed}"):
+      train_lib.train_and_evaluate(tiny_config(selection_metric=metric), str(tmp_path / metric),
+                                   dataset=dataset)
+    assert not os.path.exists(tmp_path / metric)
+
+
+def test_a_resumed_run_logs_each_step_once(dataset, tmp_path):
+  """A run killed between checkpoints reruns the steps after its last one; its logs keep one
+  record per step, equal to those of the run that was never interrupted."""
+  config = tiny_config(checkpoint_every_steps=3, eval_every_steps=6)
+  full = str(tmp_path / "full")
+  train_lib.train_and_evaluate(config, full, dataset=dataset)
+  killed = str(tmp_path / "killed")
+  train_lib.train_and_evaluate(config, killed, dataset=dataset)
+  # As if killed after logging step 12 but before its checkpoint and results were written.
+  os.remove(os.path.join(killed, "results.json"))
+  shutil.rmtree(os.path.join(checkpointing.checkpoint_dir(killed), "12"))
+  resumed = train_lib.train_and_evaluate(config, killed, dataset=dataset)
+  assert [r["start_step"] for r in read_jsonl(os.path.join(killed, "runs.jsonl"))] == [0, 9]
+  assert resumed["steps"] == 12
+  rows = read_jsonl(os.path.join(killed, "metrics.jsonl"))
+  steps_logged = [row["step"] for row in rows]
+  assert steps_logged == sorted(set(steps_logged)) == [3, 6, 9, 12]
+  drop_timing = lambda row: {k: v for k, v in row.items() if "per_s" not in k}  # noqa: E731
+  assert [drop_timing(r) for r in rows] == [drop_timing(r) for r in
+                                            read_jsonl(os.path.join(full, "metrics.jsonl"))]
+
+
+def test_a_finished_run_is_not_run_again_and_each_start_is_recorded(dataset, tmp_path):
+  workdir = str(tmp_path / "run")
+  first = train_lib.train_and_evaluate(tiny_config(), workdir, dataset=dataset)
+  logged = open(os.path.join(workdir, "metrics.jsonl")).read()
+  again = train_lib.train_and_evaluate(tiny_config(), workdir, dataset=dataset)
+  assert again == json.loads(json.dumps(first))
+  assert open(os.path.join(workdir, "metrics.jsonl")).read() == logged  # nothing written twice
+  # A resume with changed fields: hparams.json shows what ran last, runs.jsonl every start.
+  train_lib.train_and_evaluate(tiny_config(num_train_steps=15, **{"optimizer.learning_rate": 1e-3}),
+                               workdir, dataset=dataset)
+  hparams = json.load(open(os.path.join(workdir, "hparams.json")))
+  assert hparams["num_train_steps"] == 15 and hparams["optimizer.learning_rate"] == 1e-3
+  starts = read_jsonl(os.path.join(workdir, "runs.jsonl"))
+  assert [s["start_step"] for s in starts] == [0, 12]
+  assert any(c.startswith("config.optimizer.learning_rate: now 0.001") for c in starts[1]["changed"])
