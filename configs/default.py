@@ -48,7 +48,7 @@ def get_config():
   config.model.head_hidden = (128,)
   config.model.dropout_rate = 0.0
   # How the classifier is computed: 'plain' (the modules of i2m2_jax/models.py) or 'fast'
-  # (i2m2_jax/fast_models.py: LeNet experts only, same function and variables, faster).
+  # (the i2m2_jax/fast package: LeNet experts only, same function and variables, faster).
   config.model.implementation = "plain"
   # Activations in 'float32' or 'bfloat16' (mixed precision: parameters, optimiser state, BatchNorm
   # statistics and the product of experts stay float32). bfloat16 is for GPUs/TPUs, plain only.

@@ -7,7 +7,7 @@ Random uint8 data of the real shapes (image 28x28x1, audio 112x112x1; never zero
 set is needed. For each path -- 'plain' (models.build_model's modules, the straightforward Flax
 version, compiled with XLA's default options), 'plain_tuned' (the same modules with the
 trainer's compile options, train_lib.compiler_options: what a plain-implementation model gets
-from the trainer) and 'fast' (config.model.implementation='fast', i2m2_jax/fast_models.py, with
+from the trainer) and 'fast' (config.model.implementation='fast', the i2m2_jax/fast package, with
 the trainer's options) -- and each batch size, the trainer's own jitted steps
 (train_lib.jit_train_step / jit_eval_step, state donated, uint8 inputs scaled on device) are
 timed with a host sync after every step (the step alone); the paths are interleaved (repeat r of

@@ -13,6 +13,7 @@ Everything here is a pure flax.linen module, usable on its own in other JAX code
 """
 from __future__ import annotations
 
+import importlib
 from typing import Any, Callable, Mapping, Sequence
 
 import flax.linen as nn
@@ -252,19 +253,6 @@ def build_expert(name: str, modality_shapes: Mapping[str, Sequence[int]], num_cl
   return UniModalExpert(modality, encoder, head, dropout)
 
 
-# name -> builder(model_config, modality_shapes, num_classes) of another implementation of the
-# same classifier (same outputs, same variables), selected by config.model.implementation;
-# 'plain' (the default) is build_model's own. i2m2_jax.fast_models registers 'fast'.
-PLAIN = "plain"
-IMPLEMENTATIONS: dict[str, Callable[..., nn.Module]] = {}
-
-
-def register_implementation(name: str, builder: Callable[..., nn.Module]) -> None:
-  if name == PLAIN or (name in IMPLEMENTATIONS and IMPLEMENTATIONS[name] is not builder):
-    raise ValueError(f"An implementation named {name!r} is registered already.")
-  IMPLEMENTATIONS[name] = builder
-
-
 # config.model.compute_dtype -> the dtype activations are computed in. Parameters, optimiser
 # state and BatchNorm statistics stay float32 (mixed precision); see apply_in_dtype.
 COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -306,20 +294,21 @@ def build_model(model_config, modality_shapes: Mapping[str, Sequence[int]],
   """The classifier for config.model.kind over the given modalities (name -> example shape).
 
   config.model.implementation (default 'plain') picks how it is computed: 'plain' is a
-  MultiModalClassifier of the modules above; other names come from IMPLEMENTATIONS.
+  MultiModalClassifier of the modules above; 'fast' is i2m2_jax.fast's classifier, imported
+  only here so that the opt-in subpackage is loaded only by the models that use it.
   """
   if len(modality_shapes) < 1:
     raise ValueError("The data set has no modality.")
-  implementation = model_config.get("implementation", PLAIN) or PLAIN
-  if implementation != PLAIN:
-    if implementation not in IMPLEMENTATIONS:
-      raise ValueError(f"config.model.implementation={implementation!r} is unknown; expected "
-                       f"one of {[PLAIN] + sorted(IMPLEMENTATIONS)}.")
-    return IMPLEMENTATIONS[implementation](model_config, modality_shapes, num_classes)
+  implementation = model_config.get("implementation", "plain") or "plain"
+  if implementation == "fast":
+    fast = importlib.import_module("i2m2_jax.fast")
+    return fast.build_fast_model(model_config, modality_shapes, num_classes)
+  if implementation != "plain":
+    raise ValueError(f"config.model.implementation={implementation!r} is unknown; expected "
+                     "one of ['plain', 'fast'].")
   names = expert_names(model_config.kind, list(modality_shapes), model_config.get("modality", ""))
   return MultiModalClassifier(tuple(
       (n, build_expert(n, modality_shapes, num_classes, model_config)) for n in names))
 
 
 from i2m2_jax import paper_models  # noqa: E402,F401  pylint: disable=g-import-not-at-top  (registers the paper's encoders and fusions)
-from i2m2_jax import fast_models  # noqa: E402,F401  pylint: disable=g-import-not-at-top  (registers implementation 'fast')

@@ -233,7 +233,7 @@ def _any_nonfinite(tree) -> jax.Array:
   cannot overflow; one kernel for all leaves (see _self_dot). The product with zero is taken
   after the concatenation: taken per leaf, XLA kept it as one kernel per leaf (112 of the
   AV-MNIST I2M2 train step's kernels; XLA compile 5.01 -> 4.75 s together with the training
-  stem's single loop, fast_models._stem_fwd)."""
+  stem's single loop, fast/ops.py _stem_fwd)."""
   return _nonfinite(_self_dot(_concatenated(_float_leaves(tree)) * 0))
 
 
