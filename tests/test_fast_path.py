@@ -10,6 +10,7 @@ import json
 import os
 import subprocess
 import sys
+import textwrap
 
 import chex
 import jax
@@ -292,6 +293,43 @@ def test_build_model_selects_and_rejects():
     models.build_model(bad, SMALL_SHAPES, 10)
   with pytest.raises(ValueError, match=r"implementation='turbo' is unknown"):
     models.build_model(small_model_config(implementation="turbo"), SMALL_SHAPES, 10)
+
+
+def test_fast_package_is_imported_only_by_build_model():
+  """`import i2m2_jax`, and importing every other module of it, leave the opt-in fast package
+  unloaded; models.build_model imports it for implementation='fast'. In a fresh process, since
+  this test module imports the package itself."""
+  script = textwrap.dedent("""
+      import importlib, json, pkgutil, sys
+      import i2m2_jax
+
+      def loaded():
+        return sorted(m for m in sys.modules if m.startswith("i2m2_jax.fast"))
+
+      def import_all_but_fast(package):  # pkgutil.walk_packages would import the fast package
+        for info in pkgutil.iter_modules(package.__path__, package.__name__ + "."):
+          if info.name != "i2m2_jax.fast":
+            module = importlib.import_module(info.name)
+            if info.ispkg:
+              import_all_but_fast(module)
+
+      after_init = loaded()
+      import_all_but_fast(i2m2_jax)
+      after_all = loaded()
+      from configs import avmnist
+      from i2m2_jax import models
+      config = avmnist.get_config("i2m2").model
+      config.implementation = "fast"
+      model = models.build_model(config, {"image": (28, 28, 1), "audio": (112, 112, 1)}, 10)
+      print(json.dumps([after_init, after_all, type(model).__module__, type(model).__name__]))
+      """)
+  result = subprocess.run([sys.executable, "-c", script], cwd=ROOT,
+                          env=dict(os.environ, PYTHONPATH=ROOT), capture_output=True, text=True,
+                          timeout=300)
+  assert result.returncode == 0, result.stderr[-3000:]
+  after_init, after_all, module, name = json.loads(result.stdout.splitlines()[-1])
+  assert after_init == [] and after_all == []
+  assert (module, name) == ("i2m2_jax.fast.classifier", "FastLeNetClassifier")
 
 
 # ---------------------------------------------------------------------------------------------
