@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from i2m2_jax import paper_models
 from i2m2_jax.fast import cpu_kernels
 from i2m2_jax.fast import ops as fast_ops
 import test_fast_path
@@ -118,7 +119,7 @@ def test_block_matches_reference_function_and_gradients(k, ci):
   cot = jax.random.normal(jax.random.key(2), (6, 5, 6, 8))
 
   def reference(x, kernel, scale, bias):
-    y = fast_ops.conv2d(x.transpose(0, 2, 3, 1), kernel, k // 2)
+    y = paper_models.conv2d(x.transpose(0, 2, 3, 1), kernel, k // 2)
     out, mean, var = fast_ops.bn_relu_pool(y, scale, bias, "nhwc")
     return out.transpose(0, 3, 1, 2), mean, var
 
@@ -134,8 +135,8 @@ def test_block_matches_reference_function_and_gradients(k, ci):
     want = jax.grad(functools.partial(loss, reference), argnums)(*args)
     test_fast_path.assert_close(want, got, rtol=1e-4, atol=1e-5)  # atol relative to max |want|
   mean, var = jnp.array([0.1, 0.2, -0.1, 0.0, 0.3]), jnp.array([1.0, 0.5, 2.0, 0.1, 0.7])
-  want = fast_ops.bn_relu_pool_eval(fast_ops.conv2d(x.transpose(0, 2, 3, 1), kernel, k // 2),
-                                    scale, bias, mean, var)
+  want = fast_ops.bn_relu_pool_eval(
+      paper_models.conv2d(x.transpose(0, 2, 3, 1), kernel, k // 2), scale, bias, mean, var)
   np.testing.assert_allclose(fast_ops.conv_bn_relu_pool_eval_cpu(*args, mean, var),
                              want.transpose(0, 3, 1, 2), rtol=1e-5, atol=1e-5)
 

@@ -23,6 +23,7 @@ from configs import avmnist as avmnist_config
 from configs import default as default_config
 from i2m2_jax import checkpointing
 from i2m2_jax import models
+from i2m2_jax import paper_models
 from i2m2_jax import train_lib
 from i2m2_jax.fast import FastLeNetClassifier
 from i2m2_jax.fast import classifier as fast_classifier
@@ -165,7 +166,7 @@ def test_stem_block_matches_reference_and_input_gradient():
   cot = jax.random.normal(jax.random.key(2), (6, 6, 8, 5))
 
   def reference(x, k, scale, bias):
-    y = fast_ops.conv2d(x, k, 2)
+    y = paper_models.conv2d(x, k, 2)
     return fast_ops.bn_relu_pool(y, scale, bias, "nhwc")
 
   # (backward chunk, forward chunk): the forward pass in larger chunks regroups its saved

@@ -17,41 +17,27 @@ from i2m2_jax import paper_models
 from i2m2_jax.combine import product_of_experts
 from i2m2_jax.fast import ops
 
-_BN_MOMENTUM = 0.9  # paper_models.TorchBatchNorm's default (flax convention)
-
 # ---------------------------------------------------------------------------------------------
-# Variable holders: the plain modules' variable tree, declared at the same paths
-
-
-class _ConvVars(nn.Module):
-  """nn.Conv(use_bias=False, kernel_init=kaiming_uniform)'s variables: params 'kernel'."""
-  shape: tuple[int, ...]
-
-  @nn.compact
-  def __call__(self):
-    return self.param("kernel", paper_models.kaiming_uniform, self.shape, jnp.float32)
+# Variable holders: the plain modules' variable tree, declared at the same paths by the same
+# functions of paper_models
 
 
 class _BatchNormVars(nn.Module):
-  """paper_models.TorchBatchNorm's variables: params scale, bias; batch_stats mean, var."""
+  """paper_models.TorchBatchNorm's variables, with its running-average update for batch moments
+  computed elsewhere (by ops)."""
   features: int
 
   def setup(self):
-    self.scale = self.param("scale", nn.initializers.ones, (self.features,))
-    self.bias = self.param("bias", nn.initializers.zeros, (self.features,))
-    self.mean = self.variable("batch_stats", "mean", jnp.zeros, (self.features,), jnp.float32)
-    self.var = self.variable("batch_stats", "var", jnp.ones, (self.features,), jnp.float32)
+    self.scale, self.bias, self.mean, self.var = paper_models.batch_norm_variables(
+        self, self.features)
 
   def __call__(self):
     return self.scale, self.bias, self.mean.value, self.var.value
 
   def update(self, batch_mean, batch_var, count):
-    """PyTorch's running averages (momentum 0.1, unbiased variance), as TorchBatchNorm."""
-    if self.is_initializing():
-      return
-    unbiased = batch_var * (count / max(count - 1, 1))
-    self.mean.value = _BN_MOMENTUM * self.mean.value + (1 - _BN_MOMENTUM) * batch_mean
-    self.var.value = _BN_MOMENTUM * self.var.value + (1 - _BN_MOMENTUM) * unbiased
+    if not self.is_initializing():
+      paper_models.update_running_averages(self.mean, self.var, batch_mean, batch_var, count,
+                                           paper_models.BN_MOMENTUM)
 
 
 class _LeNetVars(nn.Module):
@@ -60,22 +46,18 @@ class _LeNetVars(nn.Module):
   channels: int
   num_blocks: int
 
-  def blocks(self) -> list[tuple[int, int, int]]:
-    """(input channels, output channels, kernel size) per block, as LeNet._blocks."""
-    widths = [self.channels] + [self.channels * 2 ** (i + 1) for i in range(self.num_blocks)]
-    ins = [self.in_channels] + widths[:-1]
-    return [(ci, co, 5 if i == 0 else 3) for i, (ci, co) in enumerate(zip(ins, widths))]
-
   def setup(self):
-    for i, (ci, co, k) in enumerate(self.blocks()):
-      setattr(self, f"conv_{i}", _ConvVars((k, k, ci, co)))
+    ci = self.in_channels
+    for i, (co, k) in enumerate(paper_models.lenet_blocks(self.channels, self.num_blocks)):
+      setattr(self, f"conv_{i}", paper_models.LeNetConv((k, k, ci, co)))
       setattr(self, f"bn_{i}", _BatchNormVars(co))
+      ci = co
 
   def __call__(self) -> list[dict[str, jax.Array]]:
     out = []
-    for i in range(len(self.blocks())):
+    for i in range(1 + self.num_blocks):  # the first block, then num_blocks more
       scale, bias, mean, var = getattr(self, f"bn_{i}")()
-      out.append({"kernel": getattr(self, f"conv_{i}")(), "scale": scale, "bias": bias,
+      out.append({"kernel": getattr(self, f"conv_{i}").kernel, "scale": scale, "bias": bias,
                   "mean": mean, "var": var})
     return out
 
@@ -207,7 +189,7 @@ class FastLeNetClassifier(nn.Module):
       h = h.transpose(0, 2, 3, 1)
     if not train and self.use_s2d and ops.use_s2d_conv3x3(h.shape, kernel.shape):
       return *self._bn_pool(ops.conv3x3_s2d(h, kernel), block, train, "s2d"), False
-    y = ops.conv3x3(h, kernel) if train else ops.conv2d(h, kernel, 1)
+    y = ops.conv3x3(h, kernel) if train else paper_models.conv2d(h, kernel, 1)
     return *self._bn_pool(y, block, train, "nhwc"), False
 
   @staticmethod
@@ -238,10 +220,10 @@ class FastLeNetClassifier(nn.Module):
                                        block["var"], ops.stem_chunk(x.shape[0], train=False))
       return out, (block["mean"], block["var"], count), False
     if self.use_s2d and ops.can_use_s2d(x.shape, k):
-      y = ops.conv2d(ops.space_to_depth(x, 2), ops.s2d_kernel(kernel, 2), 1)
+      y = paper_models.conv2d(ops.space_to_depth(x, 2), ops.s2d_kernel(kernel, 2), 1)
       b, h, w, _ = y.shape
       return *self._bn_pool(y.reshape(b, h, w, 4, kernel.shape[-1]), block, train, "s2d"), False
-    return *self._bn_pool(ops.conv2d(x, kernel, k // 2), block, train, "nhwc"), False
+    return *self._bn_pool(paper_models.conv2d(x, kernel, k // 2), block, train, "nhwc"), False
 
   @staticmethod
   def _bn_pool(y, block, train, layout):

@@ -14,17 +14,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from i2m2_jax.fast import cpu_kernels
-
-_BN_EPSILON = 1e-5  # paper_models.TorchBatchNorm's default
+from i2m2_jax.paper_models import BN_EPSILON
+from i2m2_jax.paper_models import conv2d
 
 # ---------------------------------------------------------------------------------------------
 # Convolutions
-
-
-def conv2d(x: jax.Array, kernel: jax.Array, padding: int) -> jax.Array:
-  """Stride-1 NHWC convolution with HWIO kernel and symmetric zero padding (as nn.Conv)."""
-  return lax.conv_general_dilated(x, kernel, (1, 1), [(padding, padding)] * 2,
-                                  dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
 
 # XLA's CPU backend hands a convolution to its fast library (YNNPACK) only when more than 16
@@ -275,7 +269,7 @@ def bn_relu_pool(y: jax.Array, scale: jax.Array, bias: jax.Array, layout: str = 
 
 def _bn_relu_pool_fwd(y, scale, bias, layout):
   mean, var = _moments(y)
-  rstd = lax.rsqrt(var + _BN_EPSILON)
+  rstd = lax.rsqrt(var + BN_EPSILON)
   yw, axes = _windows(y, layout)
   selected = _pool_selected(yw, axes, scale)
   pre = (selected - mean) * rstd * scale + bias  # the order of TorchBatchNorm's operations
@@ -314,7 +308,7 @@ bn_relu_pool.defvjp(_bn_relu_pool_fwd, _bn_relu_pool_bwd)
 
 def bn_relu_pool_eval(y, scale, bias, mean, var, layout: str = "nhwc"):
   """Inference-mode BatchNorm (running statistics) -> ReLU -> 2x2 max-pool, pooling first."""
-  rstd = lax.rsqrt(var + _BN_EPSILON)
+  rstd = lax.rsqrt(var + BN_EPSILON)
   yw, axes = _windows(y, layout)
   selected = _pool_selected(yw, axes, scale)
   return _squeeze_pooled(nn.relu((selected - mean) * rstd * scale + bias), layout)
@@ -486,7 +480,7 @@ def _stem_fwd(x, kernel, scale, bias, chunk, forward_chunk):
   per_chunk = 4 * cf * h2 * w2
   mean = means.mean(0)
   var = (m2s.sum(0) + per_chunk * jnp.square(means - mean).sum(0)) / (per_chunk * (b // cf))
-  rstd = lax.rsqrt(var + _BN_EPSILON)
+  rstd = lax.rsqrt(var + BN_EPSILON)
   out = _bn_relu(sel, mean, rstd, scale, bias)  # [nc, co, Nc]
   out = out.reshape(b // cf, co, cf, h2, w2).transpose(0, 2, 3, 4, 1)
 
@@ -574,7 +568,7 @@ def _conv_cpu_fwd(x, kernel, scale, bias):
   x, kernel, scale, bias = x.value, kernel.value, scale.value, bias.value
   sel, first, moments = cpu_kernels.conv_pool_forward(x, kernel, scale)
   mean, var = moments[0], moments[1]
-  rstd = lax.rsqrt(var + _BN_EPSILON)
+  rstd = lax.rsqrt(var + BN_EPSILON)
   out = _bn_relu(sel, mean, rstd, scale, bias)
   return (out, mean, var), (x, kernel, scale, bias, sel, first, mean, rstd, x_perturbed)
 
@@ -598,7 +592,7 @@ conv_bn_relu_pool_cpu.defvjp(_conv_cpu_fwd, _conv_cpu_bwd, symbolic_zeros=True)
 def conv_bn_relu_pool_eval_cpu(x, kernel, scale, bias, mean, var):
   """conv_bn_relu_pool_cpu in inference mode (running statistics)."""
   sel, _, _ = cpu_kernels.conv_pool_forward(x, kernel, scale)
-  return _bn_relu(sel, mean, lax.rsqrt(var + _BN_EPSILON), scale, bias)
+  return _bn_relu(sel, mean, lax.rsqrt(var + BN_EPSILON), scale, bias)
 
 
 def stem_bn_relu_pool_eval(x, kernel, scale, bias, mean, var, chunk: int = 4):
@@ -613,6 +607,6 @@ def stem_bn_relu_pool_eval(x, kernel, scale, bias, mean, var, chunk: int = 4):
     return _stem_pool(jnp.dot(ws.T, stem_patches(xc)).reshape(4, co, -1), scale)
 
   sel = _in_lanes(pooled, x.reshape(b // cb, cb, h, w, ci), _EVAL_STEM_LANES)  # [nc, co, Nc]
-  out = _bn_relu(sel, mean, lax.rsqrt(var + _BN_EPSILON), scale, bias)
+  out = _bn_relu(sel, mean, lax.rsqrt(var + BN_EPSILON), scale, bias)
   out = out.reshape(b // cb, co, cb, h2, w2).transpose(0, 2, 3, 4, 1)
   return out.reshape(b, h2, w2, co)
