@@ -94,7 +94,10 @@ _COMPILATION_CACHE = flags.DEFINE_bool("compilation_cache", False,
 
 MODALITY_SHAPES = {"image": (28, 28, 1), "audio": (112, 112, 1)}
 NUM_CLASSES = 10
-# The paper's AV-MNIST I2M2 (i2m2-method.md §4.1), used when the config does not define it.
+# The paper's AV-MNIST I2M2 as the official code builds it (github.com/divyam3897/I2M2,
+# avmnist_and_mimic/avmnist_main.py: uni-modal LeNet(1, 3, 3) image and LeNet(1, 3, 5) audio
+# experts with MLP(., 100, 10) heads; the LF joint expert on LeNet(1, 6, .) of both), used when
+# the config does not define it.
 PAPER_MODEL = {
     "encoders": {"image": "lenet", "audio": "lenet"},
     "encoder_kwargs": {"image": {"channels": 3, "num_blocks": 3},
@@ -121,7 +124,8 @@ def benchmark_config(config):
   encoders = dict(model.get("encoders") or {})
   if any(encoders.get(m) != "lenet" for m in MODALITY_SHAPES):
     notes.append("the config's model is not the AV-MNIST LeNet one; using the paper's model "
-                 "(i2m2-method.md §4.1) with the config's optimiser")
+                 "(divyam3897/I2M2, avmnist_and_mimic/avmnist_main.py) with the config's "
+                 "optimiser")
     for key, value in PAPER_MODEL.items():
       model[key] = ml_collections.ConfigDict(value) if isinstance(value, dict) else value
     model.fusion_kwargs = ml_collections.ConfigDict()
