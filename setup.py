@@ -5,7 +5,7 @@ setup(
     version="0.1.0",
     description="I2M2 (inter- and intra-modality modelling) for multi-modal classification in JAX/Flax",
     packages=find_packages(include=["i2m2_jax", "i2m2_jax.*"]),
-    package_data={"i2m2_jax": ["cpu_kernels.cc"]},  # built on first use (cpu_kernels.py)
+    package_data={"i2m2_jax.fast": ["cpu_kernels.cc"]},  # built on first use (cpu_kernels.py)
     python_requires=">=3.11",
     install_requires=[
         "jax>=0.10,<0.11",

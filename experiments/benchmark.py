@@ -7,7 +7,7 @@ Random uint8 data of the real shapes (image 28x28x1, audio 112x112x1; never zero
 set is needed. For each path -- 'plain' (models.build_model's modules, the straightforward Flax
 version, compiled with XLA's default options), 'plain_tuned' (the same modules with the
 trainer's compile options, train_lib.compiler_options: what a plain-implementation model gets
-from the trainer) and 'fast' (config.model.implementation='fast', i2m2_jax/fast_models.py, with
+from the trainer) and 'fast' (config.model.implementation='fast', the i2m2_jax/fast package, with
 the trainer's options) -- and each batch size, the trainer's own jitted steps
 (train_lib.jit_train_step / jit_eval_step, state donated, uint8 inputs scaled on device) are
 timed with a host sync after every step (the step alone); the paths are interleaved (repeat r of
@@ -94,7 +94,10 @@ _COMPILATION_CACHE = flags.DEFINE_bool("compilation_cache", False,
 
 MODALITY_SHAPES = {"image": (28, 28, 1), "audio": (112, 112, 1)}
 NUM_CLASSES = 10
-# The paper's AV-MNIST I2M2 (i2m2-method.md §4.1), used when the config does not define it.
+# The paper's AV-MNIST I2M2 as the official code builds it (github.com/divyam3897/I2M2,
+# avmnist_and_mimic/avmnist_main.py: uni-modal LeNet(1, 3, 3) image and LeNet(1, 3, 5) audio
+# experts with MLP(., 100, 10) heads; the LF joint expert on LeNet(1, 6, .) of both), used when
+# the config does not define it.
 PAPER_MODEL = {
     "encoders": {"image": "lenet", "audio": "lenet"},
     "encoder_kwargs": {"image": {"channels": 3, "num_blocks": 3},
@@ -121,7 +124,8 @@ def benchmark_config(config):
   encoders = dict(model.get("encoders") or {})
   if any(encoders.get(m) != "lenet" for m in MODALITY_SHAPES):
     notes.append("the config's model is not the AV-MNIST LeNet one; using the paper's model "
-                 "(i2m2-method.md §4.1) with the config's optimiser")
+                 "(divyam3897/I2M2, avmnist_and_mimic/avmnist_main.py) with the config's "
+                 "optimiser")
     for key, value in PAPER_MODEL.items():
       model[key] = ml_collections.ConfigDict(value) if isinstance(value, dict) else value
     model.fusion_kwargs = ml_collections.ConfigDict()

@@ -76,13 +76,6 @@ def config_mapping(value: Any, field: str) -> dict[str, Any]:
   return dict(value.to_dict() if hasattr(value, "to_dict") else value)
 
 
-def _as_kwargs(config_dict) -> dict[str, Any]:
-  """Keyword arguments from a ConfigDict, a dict or None."""
-  if not config_dict:
-    return {}
-  return dict(config_dict.to_dict() if hasattr(config_dict, "to_dict") else config_dict)
-
-
 # ---------------------------------------------------------------------------------------------
 # Which experts a model has, and what each reads
 
@@ -175,7 +168,7 @@ def _encoder_for(key: str, shape: Sequence[int], model_config, joint: bool,
   if joint:
     kwargs = config_mapping(model_config.get("joint_encoder_kwargs"),
                             "config.model.joint_encoder_kwargs").get(key, kwargs)
-  kwargs = _as_kwargs(kwargs)
+  kwargs = config_mapping(kwargs, f"config.model.encoder_kwargs.{key}")
   factory = ENCODERS[name]
   cls = getattr(factory, "func", factory)
   if batch_axis_name and "bn_axis_name" in {f.name for f in dataclasses.fields(cls)}:
@@ -198,7 +191,8 @@ def build_expert(name: str, keys: Sequence[str], modality_shapes: Mapping[str, S
       raise ValueError(f"config.model.fusion={fusion!r} is unknown; expected one of "
                        f"{sorted(FUSIONS)}.")
     return FUSIONS[fusion](encoders=encoders, head=head, dropout_rate=dropout,
-                           **_as_kwargs(model_config.get("fusion_kwargs")))
+                           **config_mapping(model_config.get("fusion_kwargs"),
+                                           "config.model.fusion_kwargs"))
   if len(encoders) == 1:
     return modules.UniModalExpert(keys[0], encoders[0][1], head, dropout)
   return modules.LateFusionExpert(encoders=encoders, head=head, dropout_rate=dropout)

@@ -85,6 +85,60 @@ def dense(features: int, fan_in: int, torch_init: bool, name: str) -> nn.Dense:
 
 # ---------------------------------------------------------------------------------------------
 # AV-MNIST: LeNet
+#
+# LeNet's variables are declared by lenet_blocks, LeNetConv, batch_norm_variables and
+# update_running_averages, which i2m2_jax.fast's classifier uses too: so the two
+# implementations have the same variable tree (paths, shapes, initial values) and running
+# averages by construction, and checkpoints move between them.
+
+BN_MOMENTUM = 0.9  # PyTorch's BatchNorm momentum 0.1, in flax's convention
+BN_EPSILON = 1e-5
+
+
+def lenet_blocks(channels: int, num_blocks: int) -> list[tuple[int, int]]:
+  """(output channels, kernel size) of each block of LeNet(channels, num_blocks)."""
+  return [(channels, 5)] + [(channels * 2 ** (i + 1), 3) for i in range(num_blocks)]
+
+
+def conv2d(x: jax.Array, kernel: jax.Array, padding: int) -> jax.Array:
+  """Stride-1 NHWC convolution with HWIO kernel and symmetric zero padding (as nn.Conv)."""
+  return jax.lax.conv_general_dilated(x, kernel, (1, 1), [(padding, padding)] * 2,
+                                      dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+class LeNetConv(nn.Module):
+  """A LeNet convolution: KxK, 'same' padding, no bias, kernel [K, K, C_in, C_out] (params
+  'kernel', nn.Conv's name and layout) kaiming-uniform. Computes what nn.Conv computes, but
+  declares the kernel in setup, so that it can be read without convolving (`.kernel`): the fast
+  classifier convolves it its own way."""
+  kernel_shape: tuple[int, int, int, int]
+
+  def setup(self):
+    self.kernel = self.param("kernel", kaiming_uniform, self.kernel_shape, jnp.float32)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    # Promoted as nn.Conv does (e.g. bfloat16 inputs with float32 parameters compute in float32).
+    return conv2d(*nn.dtypes.promote_dtype(x, self.kernel), self.kernel_shape[0] // 2)
+
+
+def batch_norm_variables(module: nn.Module, features: int):
+  """TorchBatchNorm's variables, declared in `module` (in setup or its compact method): params
+  'scale' (ones) and 'bias' (zeros), batch_stats 'mean' (zeros) and 'var' (ones), each
+  [features]. Returns the parameters and the two batch_stats Variables."""
+  scale = module.param("scale", nn.initializers.ones, (features,))
+  bias = module.param("bias", nn.initializers.zeros, (features,))
+  ra_mean = module.variable("batch_stats", "mean", jnp.zeros, (features,), jnp.float32)
+  ra_var = module.variable("batch_stats", "var", jnp.ones, (features,), jnp.float32)
+  return scale, bias, ra_mean, ra_var
+
+
+def update_running_averages(ra_mean: nn.Variable, ra_var: nn.Variable, mean: jax.Array,
+                            var: jax.Array, count: int | jax.Array, momentum: float) -> None:
+  """PyTorch's running averages, with flax's momentum convention, from a batch's mean and
+  biased variance over `count` elements per feature: PyTorch stores the unbiased variance."""
+  unbiased = var * (count / jnp.maximum(count - 1, 1))
+  ra_mean.value = momentum * ra_mean.value + (1 - momentum) * mean
+  ra_var.value = momentum * ra_var.value + (1 - momentum) * unbiased
 
 
 class TorchBatchNorm(nn.Module):
@@ -95,28 +149,21 @@ class TorchBatchNorm(nn.Module):
   momentum 0.1 is 0.9 here. The running variance is updated with the unbiased batch variance as
   PyTorch does; normalisation uses the biased one.
   """
-  momentum: float = 0.9
-  epsilon: float = 1e-5
+  momentum: float = BN_MOMENTUM
+  epsilon: float = BN_EPSILON
   # Under pmap: the device axis the batch is split over. Training statistics are then those of
   # the whole global batch, as under jit (evaluation uses running averages, or its own batch).
   axis_name: str | None = None
 
   @nn.compact
   def __call__(self, x, use_running_average: bool, update_stats: bool = False):
-    features = x.shape[-1]
-    scale = self.param("scale", nn.initializers.ones, (features,))
-    bias = self.param("bias", nn.initializers.zeros, (features,))
-    ra_mean = self.variable("batch_stats", "mean", jnp.zeros, (features,), jnp.float32)
-    ra_var = self.variable("batch_stats", "var", jnp.ones, (features,), jnp.float32)
+    scale, bias, ra_mean, ra_var = batch_norm_variables(self, x.shape[-1])
     if use_running_average:
       mean, var = ra_mean.value, ra_var.value
     else:
       mean, var, count = self._batch_moments(x, self.axis_name if update_stats else None)
       if update_stats and not self.is_initializing():
-        # PyTorch stores the unbiased variance in its running average.
-        unbiased = var * (count / jnp.maximum(count - 1, 1))
-        ra_mean.value = self.momentum * ra_mean.value + (1 - self.momentum) * mean
-        ra_var.value = self.momentum * ra_var.value + (1 - self.momentum) * unbiased
+        update_running_averages(ra_mean, ra_var, mean, var, count, self.momentum)
     y = (x - mean) * jax.lax.rsqrt(var + self.epsilon)
     return (y * scale + bias).astype(x.dtype)
 
@@ -157,18 +204,12 @@ class LeNet(nn.Module):
     if x.ndim != 4:
       raise ValueError(f"LeNet expects images [B, H, W, C] (NHWC); got shape {x.shape}.")
     use_batch_stats = train or self.batch_stats_at_eval
-    for i, (width, kernel) in enumerate(self._blocks()):
-      x = nn.Conv(width, (kernel, kernel), padding=kernel // 2, use_bias=False,
-                  kernel_init=kaiming_uniform, name=f"conv_{i}")(x)
+    for i, (width, k) in enumerate(lenet_blocks(self.channels, self.num_blocks)):
+      x = LeNetConv((k, k, x.shape[-1], width), name=f"conv_{i}")(x)
       x = TorchBatchNorm(axis_name=self.bn_axis_name, name=f"bn_{i}")(
           x, use_running_average=not use_batch_stats, update_stats=train)
       x = nn.max_pool(nn.relu(x), (2, 2), strides=(2, 2), padding="VALID")
     return x.reshape(x.shape[0], -1)
-
-  def _blocks(self):
-    """(output channels, kernel size) of each block."""
-    return [(self.channels, 5)] + [(self.channels * 2 ** (i + 1), 3)
-                                   for i in range(self.num_blocks)]
 
 
 # ---------------------------------------------------------------------------------------------

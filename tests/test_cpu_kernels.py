@@ -1,4 +1,4 @@
-"""The C++ CPU kernels of LeNet blocks (i2m2_jax/cpu_kernels.cc) against float64 NumPy
+"""The C++ CPU kernels of LeNet blocks (i2m2_jax/fast/cpu_kernels.cc) against float64 NumPy
 references, the blocks and the fast model built on them, and the fallback when they cannot be
 built."""
 import functools
@@ -9,8 +9,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from i2m2_jax import cpu_kernels
-from i2m2_jax import fast_models
+from i2m2_jax import paper_models
+from i2m2_jax.fast import cpu_kernels
+from i2m2_jax.fast import ops as fast_ops
 import test_fast_path
 
 needs_compiler = pytest.mark.skipif(shutil.which("g++") is None, reason="no C++ compiler")
@@ -118,25 +119,25 @@ def test_block_matches_reference_function_and_gradients(k, ci):
   cot = jax.random.normal(jax.random.key(2), (6, 5, 6, 8))
 
   def reference(x, kernel, scale, bias):
-    y = fast_models.conv2d(x.transpose(0, 2, 3, 1), kernel, k // 2)
-    out, mean, var = fast_models.bn_relu_pool(y, scale, bias, "nhwc")
+    y = paper_models.conv2d(x.transpose(0, 2, 3, 1), kernel, k // 2)
+    out, mean, var = fast_ops.bn_relu_pool(y, scale, bias, "nhwc")
     return out.transpose(0, 3, 1, 2), mean, var
 
   def loss(f, *args):
     return jnp.sum(f(*args)[0] * cot)
 
   args = (x, kernel, scale, bias)
-  for got, want in zip(jax.jit(fast_models.conv_bn_relu_pool_cpu)(*args), reference(*args)):
+  for got, want in zip(jax.jit(fast_ops.conv_bn_relu_pool_cpu)(*args), reference(*args)):
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
   for argnums in ((1, 2, 3), (0, 1, 2, 3)):  # without and with the input gradient
-    got = jax.jit(jax.grad(functools.partial(loss, fast_models.conv_bn_relu_pool_cpu),
+    got = jax.jit(jax.grad(functools.partial(loss, fast_ops.conv_bn_relu_pool_cpu),
                            argnums))(*args)
     want = jax.grad(functools.partial(loss, reference), argnums)(*args)
     test_fast_path.assert_close(want, got, rtol=1e-4, atol=1e-5)  # atol relative to max |want|
   mean, var = jnp.array([0.1, 0.2, -0.1, 0.0, 0.3]), jnp.array([1.0, 0.5, 2.0, 0.1, 0.7])
-  want = fast_models.bn_relu_pool_eval(fast_models.conv2d(x.transpose(0, 2, 3, 1), kernel, k // 2),
-                                       scale, bias, mean, var)
-  np.testing.assert_allclose(fast_models.conv_bn_relu_pool_eval_cpu(*args, mean, var),
+  want = fast_ops.bn_relu_pool_eval(
+      paper_models.conv2d(x.transpose(0, 2, 3, 1), kernel, k // 2), scale, bias, mean, var)
+  np.testing.assert_allclose(fast_ops.conv_bn_relu_pool_eval_cpu(*args, mean, var),
                              want.transpose(0, 3, 1, 2), rtol=1e-5, atol=1e-5)
 
 
@@ -154,7 +155,7 @@ def test_vmap_calls_the_kernels_once_per_mapped_slice():
 @needs_compiler
 def test_fast_model_on_kernels_computes_the_plain_function(monkeypatch):
   # Every even-sized block on the kernels (the AV-MNIST sizes are covered in test_fast_path).
-  monkeypatch.setattr(fast_models, "CPU_KERNEL_MIN_PIXELS", 0)
+  monkeypatch.setattr(fast_ops, "CPU_KERNEL_MIN_PIXELS", 0)
   model_config = test_fast_path.small_model_config(num_blocks=1)
   _, fast = test_fast_path.build_pair(model_config, test_fast_path.TINY_SHAPES)
   x = test_fast_path.random_inputs(test_fast_path.TINY_SHAPES, 4)
@@ -167,12 +168,12 @@ def test_fast_model_on_kernels_computes_the_plain_function(monkeypatch):
 
 @needs_compiler
 def test_kernels_serve_3x3_and_5x5_on_even_sizes_from_the_threshold():
-  assert fast_models.use_cpu_kernels((4, 28, 28, 1), (5, 5, 1, 9), min_pixels=0)
-  assert fast_models.use_cpu_kernels((4, 6, 6, 3), (5, 5, 3, 9), min_pixels=0)
-  assert not fast_models.use_cpu_kernels((4, 6, 6, 3), (3, 3, 3, 9))  # below the threshold
-  assert fast_models.use_cpu_kernels((4, 56, 56, 6), (3, 3, 6, 12))
-  assert not fast_models.use_cpu_kernels((4, 27, 28, 1), (5, 5, 1, 9), min_pixels=0)  # odd
-  assert not fast_models.use_cpu_kernels((4, 56, 56, 6), (7, 7, 6, 12))  # kernel size
+  assert fast_ops.use_cpu_kernels((4, 28, 28, 1), (5, 5, 1, 9), min_pixels=0)
+  assert fast_ops.use_cpu_kernels((4, 6, 6, 3), (5, 5, 3, 9), min_pixels=0)
+  assert not fast_ops.use_cpu_kernels((4, 6, 6, 3), (3, 3, 3, 9))  # below the threshold
+  assert fast_ops.use_cpu_kernels((4, 56, 56, 6), (3, 3, 6, 12))
+  assert not fast_ops.use_cpu_kernels((4, 27, 28, 1), (5, 5, 1, 9), min_pixels=0)  # odd
+  assert not fast_ops.use_cpu_kernels((4, 56, 56, 6), (7, 7, 6, 12))  # kernel size
 
 
 def test_switched_off_or_unbuildable_kernels_fall_back(monkeypatch):
@@ -180,7 +181,7 @@ def test_switched_off_or_unbuildable_kernels_fall_back(monkeypatch):
   cpu_kernels.available.cache_clear()
   try:
     assert not cpu_kernels.available()
-    assert not fast_models.use_cpu_kernels((4, 28, 28, 1), (5, 5, 1, 9), min_pixels=0)
+    assert not fast_ops.use_cpu_kernels((4, 28, 28, 1), (5, 5, 1, 9), min_pixels=0)
   finally:
     cpu_kernels.available.cache_clear()
   monkeypatch.setenv("CXX", "no-such-compiler")

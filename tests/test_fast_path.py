@@ -1,4 +1,4 @@
-"""The fast implementation (i2m2_jax/fast_models.py) computes the plain modules' function.
+"""The fast implementation (the i2m2_jax/fast package) computes the plain modules' function.
 
 Checked against models.build_model's MultiModalClassifier on random inputs: outputs in eval and
 train mode, BatchNorm statistic updates, gradients, the trainer's sharded train step, the layout
@@ -10,6 +10,7 @@ import json
 import os
 import subprocess
 import sys
+import textwrap
 
 import chex
 import jax
@@ -21,9 +22,12 @@ import pytest
 from configs import avmnist as avmnist_config
 from configs import default as default_config
 from i2m2_jax import checkpointing
-from i2m2_jax import fast_models
 from i2m2_jax import models
+from i2m2_jax import paper_models
 from i2m2_jax import train_lib
+from i2m2_jax.fast import FastLeNetClassifier
+from i2m2_jax.fast import classifier as fast_classifier
+from i2m2_jax.fast import ops as fast_ops
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 AVMNIST_SHAPES = {"image": (28, 28, 1), "audio": (112, 112, 1)}
@@ -162,13 +166,13 @@ def test_stem_block_matches_reference_and_input_gradient():
   cot = jax.random.normal(jax.random.key(2), (6, 6, 8, 5))
 
   def reference(x, k, scale, bias):
-    y = fast_models.conv2d(x, k, 2)
-    return fast_models.bn_relu_pool(y, scale, bias, "nhwc")
+    y = paper_models.conv2d(x, k, 2)
+    return fast_ops.bn_relu_pool(y, scale, bias, "nhwc")
 
   # (backward chunk, forward chunk): the forward pass in larger chunks regroups its saved
   # pooling choices for the backward pass's chunks.
   for chunk, forward_chunk in ((1, 0), (4, 0), (2, 6), (1, 3)):
-    stem = functools.partial(fast_models.stem_bn_relu_pool, chunk=chunk,
+    stem = functools.partial(fast_ops.stem_bn_relu_pool, chunk=chunk,
                              forward_chunk=forward_chunk)
     assert_close(reference(x, k, scale, bias), stem(x, k, scale, bias), rtol=1e-5, atol=1e-5)
     grads = [jax.grad(lambda *a, f=f: jnp.sum(f(*a)[0] * cot), argnums=(0, 1, 2, 3))(
@@ -177,10 +181,10 @@ def test_stem_block_matches_reference_and_input_gradient():
 
 
 def test_forward_chunk_is_a_multiple_of_the_backward_chunk_dividing_the_batch():
-  assert fast_models._forward_chunk_size(40, 4, 20) == 20  # pylint: disable=protected-access
-  assert fast_models._forward_chunk_size(256, 4, 20) == 16  # pylint: disable=protected-access
-  assert fast_models._forward_chunk_size(36, 4, 20) == 12  # pylint: disable=protected-access
-  assert fast_models._forward_chunk_size(6, 3, 0) == 3  # pylint: disable=protected-access
+  assert fast_ops._forward_chunk_size(40, 4, 20) == 20  # pylint: disable=protected-access
+  assert fast_ops._forward_chunk_size(256, 4, 20) == 16  # pylint: disable=protected-access
+  assert fast_ops._forward_chunk_size(36, 4, 20) == 12  # pylint: disable=protected-access
+  assert fast_ops._forward_chunk_size(6, 3, 0) == 3  # pylint: disable=protected-access
 
 
 @pytest.fixture
@@ -229,13 +233,13 @@ def test_variable_conversion_round_trip():
   plain_shapes = jax.eval_shape(lambda: plain.init(KEY, x))
   fast_shapes = jax.eval_shape(lambda: fast.init(KEY, x))
   variables = jax.tree.map(lambda s: np.random.default_rng(0).normal(size=s.shape), fast_shapes)
-  as_plain = fast_models.to_plain_variables(variables, plain_shapes)
-  back = fast_models.from_plain_variables(as_plain, fast_shapes)
+  as_plain = fast_classifier.to_plain_variables(variables, plain_shapes)
+  back = fast_classifier.from_plain_variables(as_plain, fast_shapes)
   chex.assert_trees_all_equal(back, variables)
   chex.assert_trees_all_equal_shapes(as_plain, plain_shapes)
   wrong = {"params": {"uni_image": variables["params"]["uni_image"]}}
   with pytest.raises(ValueError, match="layout"):
-    fast_models.to_plain_variables(wrong, plain_shapes)
+    fast_classifier.to_plain_variables(wrong, plain_shapes)
 
 
 def _save_state(workdir, model_config, shapes):
@@ -276,8 +280,7 @@ def test_build_model_selects_and_rejects():
   config = small_model_config()
   assert isinstance(models.build_model(config, SMALL_SHAPES, 10), models.MultiModalClassifier)
   config.implementation = "fast"
-  assert isinstance(models.build_model(config, SMALL_SHAPES, 10),
-                    fast_models.FastLeNetClassifier)
+  assert isinstance(models.build_model(config, SMALL_SHAPES, 10), FastLeNetClassifier)
   assert default_config.get_config().model.implementation == "plain"
   with pytest.raises(ValueError, match="implementation='fast' supports the late_fusion"):
     models.build_model(small_model_config(fusion="lrtf", implementation="fast"), SMALL_SHAPES, 10)
@@ -291,6 +294,43 @@ def test_build_model_selects_and_rejects():
     models.build_model(bad, SMALL_SHAPES, 10)
   with pytest.raises(ValueError, match=r"implementation='turbo' is unknown"):
     models.build_model(small_model_config(implementation="turbo"), SMALL_SHAPES, 10)
+
+
+def test_fast_package_is_imported_only_by_build_model():
+  """`import i2m2_jax`, and importing every other module of it, leave the opt-in fast package
+  unloaded; models.build_model imports it for implementation='fast'. In a fresh process, since
+  this test module imports the package itself."""
+  script = textwrap.dedent("""
+      import importlib, json, pkgutil, sys
+      import i2m2_jax
+
+      def loaded():
+        return sorted(m for m in sys.modules if m.startswith("i2m2_jax.fast"))
+
+      def import_all_but_fast(package):  # pkgutil.walk_packages would import the fast package
+        for info in pkgutil.iter_modules(package.__path__, package.__name__ + "."):
+          if info.name != "i2m2_jax.fast":
+            module = importlib.import_module(info.name)
+            if info.ispkg:
+              import_all_but_fast(module)
+
+      after_init = loaded()
+      import_all_but_fast(i2m2_jax)
+      after_all = loaded()
+      from configs import avmnist
+      from i2m2_jax import models
+      config = avmnist.get_config("i2m2").model
+      config.implementation = "fast"
+      model = models.build_model(config, {"image": (28, 28, 1), "audio": (112, 112, 1)}, 10)
+      print(json.dumps([after_init, after_all, type(model).__module__, type(model).__name__]))
+      """)
+  result = subprocess.run([sys.executable, "-c", script], cwd=ROOT,
+                          env=dict(os.environ, PYTHONPATH=ROOT), capture_output=True, text=True,
+                          timeout=300)
+  assert result.returncode == 0, result.stderr[-3000:]
+  after_init, after_all, module, name = json.loads(result.stdout.splitlines()[-1])
+  assert after_init == [] and after_all == []
+  assert (module, name) == ("i2m2_jax.fast.classifier", "FastLeNetClassifier")
 
 
 # ---------------------------------------------------------------------------------------------

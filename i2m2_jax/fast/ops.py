@@ -1,68 +1,11 @@
-"""A fast implementation of LeNet-expert classifiers (the paper's AV-MNIST models): same function,
-same variables as the plain modules.
-
-`config.model.implementation = 'fast'` makes `models.build_model` return `FastLeNetClassifier`
-instead of `MultiModalClassifier` for models whose every expert is built from `lenet` encoders
-(paper_models.LeNet with its defaults) and, for the joint expert, `late_fusion`: the AV-MNIST
-I2M2, intra, inter (LF) and uni-modal models. Anything else raises a ValueError naming the field.
-
-Same function: `apply(variables, inputs, train, present)` returns the same
-{'log_probs', 'expert_logits'} as the plain classifier, updates the same BatchNorm statistics in
-train mode (PyTorch semantics of paper_models.TorchBatchNorm), and has the same gradients, all to
-float32 rounding (tests/test_fast_path.py checks it on the real architecture).
-
-Same variables: the parameter and batch_stats trees are the plain modules' trees, with the same
-names, shapes and initial values (each variable is declared at the same path with the same
-initialiser, so `init` with the same key gives identical values). Checkpoints, `init_from`, the
-optimiser state and weight decay are therefore interchangeable between the two implementations;
-`to_plain_variables` / `from_plain_variables` exist for symmetry and only check the tree.
-
-What makes it fast (each measured with experiments/benchmark.py on 2 CPU cores; the README's
-Performance section has the numbers):
-
-1. The first block of every expert that reads a modality is computed once for all of them
-   (horizontal fusion): the uni-modal LeNet(c=3) and the joint LeNet(c=6) first convolutions
-   read the same input, so their kernels are concatenated into one 1 -> 9 channel convolution;
-   BatchNorm statistics stay per channel, so this is exact.
-2. On CPU, the blocks on images of at least 28x28 pixels (the first block at any even size; for
-   AV-MNIST the 112x112, 56x56 and 28x28 blocks, most of the step) run on the C++ kernels of
-   cpu_kernels.cc (`conv_bn_relu_pool_cpu`, built on first use): convolution, pooling choice and
-   BatchNorm moments in one pass over the batch, split over XLA's intra-op threads, with each
-   example's convolution output kept in registers; the backward pass recomputes it and computes
-   the kernel and input gradients in a second pass. XLA ran these small-channel convolutions and
-   their loops on one thread while much of the step waited for them. Activations stay channels
-   first between such blocks. Without a C++ compiler (or with I2M2_JAX_CPU_KERNELS=0), and on
-   other backends, 3-5 below run instead.
-3. The first block (5x5 convolution -> BatchNorm -> ReLU -> 2x2 max-pool) as one custom
-   operation, `stem_bn_relu_pool`: the convolution on the 2x2 space-to-depth of the input is a
-   single matrix product per chunk of examples, channels first, whose output rows are the four
-   pixels of each pooling window; the chunks go through `lax.map` (in evaluation two independent
-   loops) so that patches and outputs stay in cache; BatchNorm statistics are merged exactly over
-   chunks; the backward pass recomputes each chunk (4 examples; the forward pass takes up to 20)
-   and accumulates the kernel gradient as one matrix product, with no full-resolution gradient
-   image in memory.
-4. The later blocks: BatchNorm + ReLU + 2x2 max-pool as one operation with a hand-written
-   gradient (`bn_relu_pool`): the forward pools first (max, or min where the BatchNorm scale is
-   negative: BatchNorm is monotone per channel and ReLU commutes with max), the backward writes
-   the convolution output's gradient in one elementwise pass, routing the pooled gradient to the
-   first maximal element of each window as XLA's max-pool gradient (select-and-scatter) does.
-   Their 3x3 convolutions (`conv3x3`) are padded to 17 output channels where that moves them to
-   XLA's fast CPU convolution library, compute the input gradient as a plain convolution with a
-   flipped kernel, and sum the kernel gradient over chunks of at most 16 examples.
-5. Evaluation: pooling before the BatchNorm affine map (exact, as above), so the affine map and
-   ReLU touch a quarter of the elements; the first block is the same matrix product. The 3x3
-   convolutions with 3 input channels are computed on the 2x2 space-to-depth of their input
-   (`conv3x3_s2d`) and return the pooling windows directly; the others are plain convolutions,
-   without channel padding: evaluation is compiled with XLA's own convolutions instead of its
-   library (train_lib.compiler_options), which was faster there.
-
-Options of FastLeNetClassifier switch 1-3 off (for measurements and tests); shapes the custom
-first block does not handle (odd sizes) fall back to an XLA convolution.
+"""The operations of the fast LeNet classifier (items 2-5 of the package docstring): LeNet blocks
+(convolution -> BatchNorm -> ReLU -> 2x2 max-pool) and their parts as fused operations with
+hand-written gradients, each computing what paper_models.LeNet computes, to float32 rounding.
 """
 from __future__ import annotations
 
 import functools
-from typing import Any, Mapping, Sequence
+from typing import Sequence
 
 import flax.linen as nn
 import jax
@@ -70,23 +13,12 @@ from jax import lax
 import jax.numpy as jnp
 import numpy as np
 
-from i2m2_jax import cpu_kernels
-from i2m2_jax import models
-from i2m2_jax import paper_models
-from i2m2_jax.combine import product_of_experts
-
-IMPLEMENTATION = "fast"
-_BN_MOMENTUM = 0.9  # paper_models.TorchBatchNorm defaults (flax convention)
-_BN_EPSILON = 1e-5
+from i2m2_jax.fast import cpu_kernels
+from i2m2_jax.paper_models import BN_EPSILON
+from i2m2_jax.paper_models import conv2d
 
 # ---------------------------------------------------------------------------------------------
 # Convolutions
-
-
-def conv2d(x: jax.Array, kernel: jax.Array, padding: int) -> jax.Array:
-  """Stride-1 NHWC convolution with HWIO kernel and symmetric zero padding (as nn.Conv)."""
-  return lax.conv_general_dilated(x, kernel, (1, 1), [(padding, padding)] * 2,
-                                  dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
 
 # XLA's CPU backend hands a convolution to its fast library (YNNPACK) only when more than 16
@@ -337,7 +269,7 @@ def bn_relu_pool(y: jax.Array, scale: jax.Array, bias: jax.Array, layout: str = 
 
 def _bn_relu_pool_fwd(y, scale, bias, layout):
   mean, var = _moments(y)
-  rstd = lax.rsqrt(var + _BN_EPSILON)
+  rstd = lax.rsqrt(var + BN_EPSILON)
   yw, axes = _windows(y, layout)
   selected = _pool_selected(yw, axes, scale)
   pre = (selected - mean) * rstd * scale + bias  # the order of TorchBatchNorm's operations
@@ -376,7 +308,7 @@ bn_relu_pool.defvjp(_bn_relu_pool_fwd, _bn_relu_pool_bwd)
 
 def bn_relu_pool_eval(y, scale, bias, mean, var, layout: str = "nhwc"):
   """Inference-mode BatchNorm (running statistics) -> ReLU -> 2x2 max-pool, pooling first."""
-  rstd = lax.rsqrt(var + _BN_EPSILON)
+  rstd = lax.rsqrt(var + BN_EPSILON)
   yw, axes = _windows(y, layout)
   selected = _pool_selected(yw, axes, scale)
   return _squeeze_pooled(nn.relu((selected - mean) * rstd * scale + bias), layout)
@@ -499,6 +431,12 @@ TRAIN_FORWARD_CHUNK = 20
 _FORWARD_CHUNK_MIN_PIXELS = 56 * 56
 
 
+def stem_forward_chunk(x_shape: Sequence[int]) -> int:
+  """stem_bn_relu_pool's forward_chunk for NHWC input x_shape: TRAIN_FORWARD_CHUNK from
+  _FORWARD_CHUNK_MIN_PIXELS on, else 0 (the backward pass's chunk)."""
+  return TRAIN_FORWARD_CHUNK if x_shape[1] * x_shape[2] >= _FORWARD_CHUNK_MIN_PIXELS else 0
+
+
 def _forward_chunk_size(batch: int, chunk: int, target: int) -> int:
   """The largest multiple of `chunk` (a divisor of batch) that divides batch and is at most
   max(target, chunk): `chunk` times the largest divisor of batch / chunk within the target."""
@@ -542,7 +480,7 @@ def _stem_fwd(x, kernel, scale, bias, chunk, forward_chunk):
   per_chunk = 4 * cf * h2 * w2
   mean = means.mean(0)
   var = (m2s.sum(0) + per_chunk * jnp.square(means - mean).sum(0)) / (per_chunk * (b // cf))
-  rstd = lax.rsqrt(var + _BN_EPSILON)
+  rstd = lax.rsqrt(var + BN_EPSILON)
   out = _bn_relu(sel, mean, rstd, scale, bias)  # [nc, co, Nc]
   out = out.reshape(b // cf, co, cf, h2, w2).transpose(0, 2, 3, 4, 1)
 
@@ -630,7 +568,7 @@ def _conv_cpu_fwd(x, kernel, scale, bias):
   x, kernel, scale, bias = x.value, kernel.value, scale.value, bias.value
   sel, first, moments = cpu_kernels.conv_pool_forward(x, kernel, scale)
   mean, var = moments[0], moments[1]
-  rstd = lax.rsqrt(var + _BN_EPSILON)
+  rstd = lax.rsqrt(var + BN_EPSILON)
   out = _bn_relu(sel, mean, rstd, scale, bias)
   return (out, mean, var), (x, kernel, scale, bias, sel, first, mean, rstd, x_perturbed)
 
@@ -654,7 +592,7 @@ conv_bn_relu_pool_cpu.defvjp(_conv_cpu_fwd, _conv_cpu_bwd, symbolic_zeros=True)
 def conv_bn_relu_pool_eval_cpu(x, kernel, scale, bias, mean, var):
   """conv_bn_relu_pool_cpu in inference mode (running statistics)."""
   sel, _, _ = cpu_kernels.conv_pool_forward(x, kernel, scale)
-  return _bn_relu(sel, mean, lax.rsqrt(var + _BN_EPSILON), scale, bias)
+  return _bn_relu(sel, mean, lax.rsqrt(var + BN_EPSILON), scale, bias)
 
 
 def stem_bn_relu_pool_eval(x, kernel, scale, bias, mean, var, chunk: int = 4):
@@ -669,339 +607,6 @@ def stem_bn_relu_pool_eval(x, kernel, scale, bias, mean, var, chunk: int = 4):
     return _stem_pool(jnp.dot(ws.T, stem_patches(xc)).reshape(4, co, -1), scale)
 
   sel = _in_lanes(pooled, x.reshape(b // cb, cb, h, w, ci), _EVAL_STEM_LANES)  # [nc, co, Nc]
-  out = _bn_relu(sel, mean, lax.rsqrt(var + _BN_EPSILON), scale, bias)
+  out = _bn_relu(sel, mean, lax.rsqrt(var + BN_EPSILON), scale, bias)
   out = out.reshape(b // cb, co, cb, h2, w2).transpose(0, 2, 3, 4, 1)
   return out.reshape(b, h2, w2, co)
-
-
-# ---------------------------------------------------------------------------------------------
-# Variable holders: the plain modules' variable tree, declared at the same paths
-
-
-class _ConvVars(nn.Module):
-  """nn.Conv(use_bias=False, kernel_init=kaiming_uniform)'s variables: params 'kernel'."""
-  shape: tuple[int, ...]
-
-  @nn.compact
-  def __call__(self):
-    return self.param("kernel", paper_models.kaiming_uniform, self.shape, jnp.float32)
-
-
-class _BatchNormVars(nn.Module):
-  """paper_models.TorchBatchNorm's variables: params scale, bias; batch_stats mean, var."""
-  features: int
-
-  def setup(self):
-    self.scale = self.param("scale", nn.initializers.ones, (self.features,))
-    self.bias = self.param("bias", nn.initializers.zeros, (self.features,))
-    self.mean = self.variable("batch_stats", "mean", jnp.zeros, (self.features,), jnp.float32)
-    self.var = self.variable("batch_stats", "var", jnp.ones, (self.features,), jnp.float32)
-
-  def __call__(self):
-    return self.scale, self.bias, self.mean.value, self.var.value
-
-  def update(self, batch_mean, batch_var, count):
-    """PyTorch's running averages (momentum 0.1, unbiased variance), as TorchBatchNorm."""
-    if self.is_initializing():
-      return
-    unbiased = batch_var * (count / max(count - 1, 1))
-    self.mean.value = _BN_MOMENTUM * self.mean.value + (1 - _BN_MOMENTUM) * batch_mean
-    self.var.value = _BN_MOMENTUM * self.var.value + (1 - _BN_MOMENTUM) * unbiased
-
-
-class _LeNetVars(nn.Module):
-  """paper_models.LeNet's variables (conv_i, bn_i)."""
-  in_channels: int
-  channels: int
-  num_blocks: int
-
-  def blocks(self) -> list[tuple[int, int, int]]:
-    """(input channels, output channels, kernel size) per block, as LeNet._blocks."""
-    widths = [self.channels] + [self.channels * 2 ** (i + 1) for i in range(self.num_blocks)]
-    ins = [self.in_channels] + widths[:-1]
-    return [(ci, co, 5 if i == 0 else 3) for i, (ci, co) in enumerate(zip(ins, widths))]
-
-  def setup(self):
-    for i, (ci, co, k) in enumerate(self.blocks()):
-      setattr(self, f"conv_{i}", _ConvVars((k, k, ci, co)))
-      setattr(self, f"bn_{i}", _BatchNormVars(co))
-
-  def __call__(self) -> list[dict[str, jax.Array]]:
-    out = []
-    for i in range(len(self.blocks())):
-      scale, bias, mean, var = getattr(self, f"bn_{i}")()
-      out.append({"kernel": getattr(self, f"conv_{i}")(), "scale": scale, "bias": bias,
-                  "mean": mean, "var": var})
-    return out
-
-  def update(self, stats: Sequence[tuple[jax.Array, jax.Array, int]]):
-    for i, (mean, var, count) in enumerate(stats):
-      getattr(self, f"bn_{i}").update(mean, var, count)
-
-
-class _ExpertVars(nn.Module):
-  """An expert's variables under its plain names: 'encoder' (uni-modal) or 'encoder_<m>' (joint),
-  and 'head' (models.MLP, also applied here so that dropout keys match the plain module)."""
-  encoder_names: tuple[tuple[str, str], ...]  # (modality, submodule name)
-  lenets: tuple[tuple[int, int, int], ...]    # per modality: (in_channels, channels, num_blocks)
-  head: tuple[int, ...]
-  dropout_rate: float = 0.0
-
-  def setup(self):
-    for (_, sub), (ci, c, k) in zip(self.encoder_names, self.lenets):
-      setattr(self, sub, _LeNetVars(ci, c, k))
-    self.head_mlp = models.MLP(self.head, self.dropout_rate, name="head")
-
-  def encoders(self) -> dict[str, list[dict[str, jax.Array]]]:
-    return {m: getattr(self, sub)() for m, sub in self.encoder_names}
-
-  def update(self, stats: Mapping[str, Sequence[tuple[jax.Array, jax.Array, int]]]):
-    for m, sub in self.encoder_names:
-      getattr(self, sub).update(stats[m])
-
-  def __call__(self, features: jax.Array, train: bool):
-    return self.head_mlp(features, train)
-
-
-# ---------------------------------------------------------------------------------------------
-# The classifier
-
-
-class FastLeNetClassifier(nn.Module):
-  """LeNet experts + PoE, computed with fused first convolutions per modality (module docstring).
-
-  `experts`: (name, modalities read, {modality: (channels, num_blocks)}, head widths, dropout)
-  in the plain classifier's expert order. `modality_shapes`: per-example shapes [H, W, C].
-  `use_s2d`: space-to-depth for the fused first convolutions where the shape allows it.
-  `fuse_first_conv`: one convolution per modality for all experts' first blocks.
-  `stem_matmul`: the first block as stem_bn_relu_pool (where cpu_kernels do not run it).
-  `cpu_kernels`: blocks on cpu_kernels where use_cpu_kernels allows.
-  """
-  experts: tuple[tuple[str, tuple[str, ...], tuple[tuple[str, tuple[int, int]], ...],
-                       tuple[int, ...], float], ...]
-  modality_shapes: tuple[tuple[str, tuple[int, ...]], ...]
-  use_s2d: bool = True
-  fuse_first_conv: bool = True
-  stem_matmul: bool = True
-  cpu_kernels: bool = True
-
-  def setup(self):
-    shapes = dict(self.modality_shapes)
-    holders = {}
-    for name, modalities, lenets, head, dropout in self.experts:
-      lenets = dict(lenets)
-      names = tuple((m, "encoder" if name != models.JOINT else f"encoder_{m}") for m in modalities)
-      holders[name] = _ExpertVars(names, tuple((shapes[m][-1],) + tuple(lenets[m])
-                                               for m in modalities), tuple(head), dropout,
-                                  name=name)
-    self.holders = holders
-
-  def __call__(self, inputs: Mapping[str, jax.Array], train: bool = False,
-               present: jax.Array | None = None) -> dict[str, Any]:
-    variables = {name: self.holders[name].encoders() for name, *_ in self.experts}
-    features: dict[str, dict[str, jax.Array]] = {name: {} for name, *_ in self.experts}
-    stats: dict[str, dict[str, list]] = {name: {} for name, *_ in self.experts}
-    for modality, _ in self.modality_shapes:
-      readers = [name for name, modalities, *_ in self.experts if modality in modalities]
-      if not readers:
-        continue
-      x = inputs[modality]
-      if x.ndim != 4:
-        raise ValueError(f"LeNet expects images [B, H, W, C] (NHWC); got {modality!r} of shape "
-                         f"{x.shape}.")
-      branch_vars = [variables[name][modality] for name in readers]
-      outs, branch_stats = self._encode(x.astype(jnp.float32), branch_vars, train)
-      for name, h, st in zip(readers, outs, branch_stats):
-        features[name][modality] = h.reshape(h.shape[0], -1)
-        stats[name][modality] = st
-    logits = {}
-    for name, modalities, *_ in self.experts:
-      f = [features[name][m] for m in modalities]
-      logits[name] = self.holders[name](f[0] if len(f) == 1 else jnp.concatenate(f, axis=-1),
-                                        train)
-      if train:
-        self.holders[name].update(stats[name])
-    return {"log_probs": product_of_experts(logits, present), "expert_logits": logits}
-
-  # -- encoders ---------------------------------------------------------------------------------
-
-  def _encode(self, x, branch_vars, train):
-    """All LeNet branches reading one modality: the first block fused across branches, the
-    rest per branch. Returns per branch the features and the (mean, var, count) of each block.
-    Activations between blocks on cpu_kernels stay channels-first (`channels_first`)."""
-    widths = [v[0]["kernel"].shape[-1] for v in branch_vars]
-    if self.fuse_first_conv:
-      h_all, stats_all, channels_first = self._block0(
-          x, _concat_block([v[0] for v in branch_vars]), train)
-      splits = np.cumsum(widths)[:-1].tolist()
-      hs = jnp.split(h_all, splits, axis=1 if channels_first else -1)
-      stats0 = list(zip(*(jnp.split(s, splits) if i < 2 else [s] * len(widths)
-                          for i, s in enumerate(stats_all))))
-      layouts = [channels_first] * len(widths)
-    else:
-      hs, stats0, layouts = zip(*(self._block0(x, v[0], train) for v in branch_vars))
-    outs, all_stats = [], []
-    for h, channels_first, st0, blocks in zip(hs, layouts, stats0, branch_vars):
-      st = [tuple(st0)]
-      for block in blocks[1:]:
-        h, s, channels_first = self._block(h, channels_first, block, train)
-        st.append(s)
-      # Features are flattened in the plain modules' NHWC order.
-      outs.append(h.transpose(0, 2, 3, 1) if channels_first else h)
-      all_stats.append(st)
-    return outs, all_stats
-
-  def _block(self, h, channels_first, block, train):
-    """A 3x3 block after the first; returns (output, statistics, output channels-first)."""
-    kernel = block["kernel"]
-    b, *spatial, c = h.shape if not channels_first else (h.shape[0], *h.shape[2:], h.shape[1])
-    if self.cpu_kernels and use_cpu_kernels((b, *spatial, c), kernel.shape):
-      x = h if channels_first else h.transpose(0, 3, 1, 2)
-      return *self._cpu_block(x, block, train), True
-    if channels_first:
-      h = h.transpose(0, 2, 3, 1)
-    if not train and self.use_s2d and use_s2d_conv3x3(h.shape, kernel.shape):
-      return *self._bn_pool(conv3x3_s2d(h, kernel), block, train, "s2d"), False
-    y = conv3x3(h, kernel) if train else conv2d(h, kernel, 1)
-    return *self._bn_pool(y, block, train, "nhwc"), False
-
-  @staticmethod
-  def _cpu_block(x, block, train):
-    """A block on cpu_kernels: channels-first x -> (channels-first output, statistics)."""
-    count = x.shape[0] * x.shape[2] * x.shape[3]
-    args = (x, block["kernel"], block["scale"], block["bias"])
-    if train:
-      out, mean, var = conv_bn_relu_pool_cpu(*args)
-      return out, (mean, var, count)
-    return (conv_bn_relu_pool_eval_cpu(*args, block["mean"], block["var"]),
-            (block["mean"], block["var"], count))
-
-  def _block0(self, x, block, train):
-    """The first block; returns (output, statistics, output channels-first)."""
-    kernel = block["kernel"]
-    k = kernel.shape[0]
-    count = x.shape[0] * x.shape[1] * x.shape[2]
-    if self.cpu_kernels and use_cpu_kernels(x.shape, kernel.shape, min_pixels=0):
-      return *self._cpu_block(x.transpose(0, 3, 1, 2), block, train), True
-    if self.stem_matmul and k == 5 and x.shape[1] % 2 == 0 and x.shape[2] % 2 == 0:
-      if train:
-        large = x.shape[1] * x.shape[2] >= _FORWARD_CHUNK_MIN_PIXELS
-        out, mean, var = stem_bn_relu_pool(x, kernel, block["scale"], block["bias"],
-                                           stem_chunk(x.shape[0], train=True),
-                                           TRAIN_FORWARD_CHUNK if large else 0)
-        return out, (mean, var, count), False
-      out = stem_bn_relu_pool_eval(x, kernel, block["scale"], block["bias"], block["mean"],
-                                   block["var"], stem_chunk(x.shape[0], train=False))
-      return out, (block["mean"], block["var"], count), False
-    if self.use_s2d and can_use_s2d(x.shape, k):
-      y = conv2d(space_to_depth(x, 2), s2d_kernel(kernel, 2), 1)
-      b, h, w, _ = y.shape
-      return *self._bn_pool(y.reshape(b, h, w, 4, kernel.shape[-1]), block, train, "s2d"), False
-    return *self._bn_pool(conv2d(x, kernel, k // 2), block, train, "nhwc"), False
-
-  @staticmethod
-  def _bn_pool(y, block, train, layout):
-    count = y.size // y.shape[-1]
-    if train:
-      out, mean, var = bn_relu_pool(y, block["scale"], block["bias"], layout)
-      return out, (mean, var, count)
-    out = bn_relu_pool_eval(y, block["scale"], block["bias"], block["mean"], block["var"], layout)
-    return out, (block["mean"], block["var"], count)
-
-
-def _concat_block(blocks):
-  if len(blocks) == 1:
-    return blocks[0]
-  return {"kernel": jnp.concatenate([b["kernel"] for b in blocks], axis=-1),
-          **{k: jnp.concatenate([b[k] for b in blocks]) for k in ("scale", "bias", "mean", "var")}}
-
-
-# ---------------------------------------------------------------------------------------------
-# Building from a config, and the (identity) layout conversion
-
-
-def _lenet_kwargs(model_config, modality: str, joint: bool) -> dict[str, Any]:
-  kwargs = models._config_entry(model_config.get("encoder_kwargs"), modality)  # pylint: disable=protected-access
-  if joint:
-    kwargs = models._config_entry(model_config.get("joint_encoder_kwargs"), modality, kwargs)  # pylint: disable=protected-access
-  kwargs = models._as_kwargs(kwargs)  # pylint: disable=protected-access
-  unsupported = {k: v for k, v in kwargs.items()
-                 if k not in ("channels", "num_blocks") and v not in (False, None)}
-  if unsupported:
-    raise ValueError(f"config.model.implementation='fast' supports LeNet's channels and "
-                     f"num_blocks only; {'joint_' if joint else ''}encoder_kwargs.{modality} "
-                     f"sets {unsupported}. Use implementation='plain'.")
-  defaults = paper_models.LeNet()
-  return {"channels": int(kwargs.get("channels", defaults.channels)),
-          "num_blocks": int(kwargs.get("num_blocks", defaults.num_blocks))}
-
-
-def check_supported(model_config, modality_shapes: Mapping[str, Sequence[int]]) -> None:
-  """Raises a ValueError naming the field when the fast implementation cannot build this model."""
-  if models.compute_dtype(model_config) != jnp.float32:
-    raise ValueError(f"config.model.implementation='fast' computes in float32 only (it is tuned "
-                     f"for CPUs); config.model.compute_dtype is "
-                     f"{model_config.get('compute_dtype')!r}. Use implementation='plain' for "
-                     f"bfloat16 compute.")
-  for m, shape in modality_shapes.items():
-    name = models._config_entry(model_config.get("encoders"), m)  # pylint: disable=protected-access
-    if name != "lenet":
-      raise ValueError(f"config.model.implementation='fast' supports LeNet experts only "
-                       f"(the AV-MNIST models); config.model.encoders.{m} is {name!r}. Use "
-                       f"implementation='plain' for this model.")
-    if len(shape) != 3:
-      raise ValueError(f"config.model.implementation='fast' needs images [H, W, C]; modality "
-                       f"{m!r} has per-example shape {tuple(shape)}.")
-  names = models.expert_names(model_config.kind, list(modality_shapes),
-                              model_config.get("modality", ""))
-  if models.JOINT in names:
-    fusion = model_config.get("fusion", "late_fusion")
-    if fusion != "late_fusion" or models._as_kwargs(model_config.get("fusion_kwargs")):  # pylint: disable=protected-access
-      raise ValueError(f"config.model.implementation='fast' supports the late_fusion joint "
-                       f"expert without fusion_kwargs; config.model.fusion is {fusion!r}. Use "
-                       f"implementation='plain' (e.g. for lrtf).")
-
-
-def build_fast_model(model_config, modality_shapes: Mapping[str, Sequence[int]],
-                     num_classes: int, **options) -> FastLeNetClassifier:
-  """The fast classifier for config.model (same experts and variables as models.build_model)."""
-  check_supported(model_config, modality_shapes)
-  modalities = list(modality_shapes)
-  head = tuple(model_config.head_hidden) + (num_classes,)
-  dropout = float(model_config.get("dropout_rate", 0.0))
-  experts = []
-  for name in models.expert_names(model_config.kind, modalities, model_config.get("modality", "")):
-    reads = models.expert_modalities(name, modalities)
-    lenets = tuple((m, tuple(_lenet_kwargs(model_config, m, name == models.JOINT).values()))
-                   for m in reads)
-    experts.append((name, reads, lenets, head, dropout))
-  return FastLeNetClassifier(
-      experts=tuple(experts),
-      modality_shapes=tuple((m, tuple(int(d) for d in s)) for m, s in modality_shapes.items()),
-      **options)
-
-
-def _same_tree(a, b) -> bool:
-  """Same tree structure and leaf shapes (arrays or jax.ShapeDtypeStruct)."""
-  shapes = lambda t: [tuple(getattr(x, "shape", np.shape(x))) for x in jax.tree.leaves(t)]  # noqa: E731
-  return jax.tree.structure(a) == jax.tree.structure(b) and shapes(a) == shapes(b)
-
-
-def to_plain_variables(fast_variables, plain_template=None):
-  """The plain classifier's variables from the fast one's. The layouts are the same (module
-  docstring), so this returns the same tree; with `plain_template` (e.g. `jax.eval_shape` of
-  the plain model's init) it checks the structure and shapes first."""
-  if plain_template is not None and not _same_tree(fast_variables, plain_template):
-    raise ValueError("These variables do not have the plain model's layout.")
-  return fast_variables
-
-
-def from_plain_variables(plain_variables, fast_template=None):
-  """The fast classifier's variables from the plain one's (the same tree; see
-  `to_plain_variables`)."""
-  if fast_template is not None and not _same_tree(plain_variables, fast_template):
-    raise ValueError("These variables do not have the fast model's layout.")
-  return plain_variables
-
-
-models.register_implementation(IMPLEMENTATION, build_fast_model)

@@ -5,7 +5,7 @@ with the machine's C++ compiler (g++ or $CXX, against the XLA FFI headers that j
 cache folder, `$I2M2_JAX_CACHE` or `~/.cache/i2m2_jax`, and registers its handlers with XLA.
 Later processes load the cached library (a few milliseconds). Where there is no compiler, the
 build fails, or `I2M2_JAX_CPU_KERNELS=0` is set, `available()` is False (with one warning naming
-the reason) and fast_models uses its XLA implementation instead: same function, slower on CPU.
+the reason) and fast/ops.py uses its XLA implementation instead: same function, slower on CPU.
 """
 from __future__ import annotations
 

@@ -5,8 +5,8 @@
 // Why: on CPU, XLA runs these blocks' small-channel convolutions and loops on one thread, and
 // much of the step waits for them. These kernels split the batch over XLA's intra-op thread pool
 // and keep each example's convolution output in registers (no patch matrix, no full-resolution
-// output in memory). Built on first use by i2m2_jax/cpu_kernels.py; fast_models.py uses its XLA
-// implementation when they are not available.
+// output in memory). Built on first use by i2m2_jax/fast/cpu_kernels.py; i2m2_jax/fast/ops.py
+// uses its XLA implementation when they are not available.
 //
 // Layouts (row-major): x [B, Ci, H, W] (H, W even); kernel [K * K * Ci, C] (HWIO flattened);
 // pooled outputs [B, C, H/2, W/2]. A 2x2 pooling window's elements are e = 2 * row + column.
