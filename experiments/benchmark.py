@@ -6,10 +6,10 @@ r"""Speed of the AV-MNIST I2M2 step, fast implementation against the plain one, 
 Random uint8 data of the real shapes (image 28x28x1, audio 112x112x1; never zeros), so no data
 set is needed. For each path -- 'plain' (models.build_model's modules, the straightforward Flax
 version, compiled with XLA's default options), 'plain_tuned' (the same modules with the
-trainer's compile options, train_lib.compiler_options: what a plain-implementation model gets
+trainer's compile options, compile_options.compiler_options: what a plain-implementation model gets
 from the trainer) and 'fast' (config.model.implementation='fast', the i2m2_jax/fast package, with
 the trainer's options) -- and each batch size, the trainer's own jitted steps
-(train_lib.jit_train_step / jit_eval_step, state donated, uint8 inputs scaled on device) are
+(steps.jit_train_step / jit_eval_step, state donated, uint8 inputs scaled on device) are
 timed with a host sync after every step (the step alone); the paths are interleaved (repeat r of
 plain, then of plain_tuned, then of fast, ...) so that a shared machine's load falls on all
 alike, and medians are reported. Printed, as one Markdown table:
@@ -24,7 +24,7 @@ alike, and medians are reported. Printed, as one Markdown table:
   function and are credited the same FLOPs;
 * the first train step's time (tracing, compilation and one run) and XLA's compile time in it,
   and the number of compilations after it, in training and in a padded evaluation (a split whose
-  last batch is padded, through train_lib.evaluate);
+  last batch is padded, through evaluation.evaluate);
 * (--experts) the step time of each expert of I2M2 trained alone (kind uni/inter with the same
   config) and of I2M2, timed interleaved, per path listed in --expert_paths;
 * (--input) the fraction of step time spent waiting for input when the step of --input_path
@@ -99,7 +99,7 @@ NUM_CLASSES = 10
 # experts with MLP(., 100, 10) heads; the LF joint expert on LeNet(1, 6, .) of both), used when
 # the config does not define it.
 PAPER_MODEL = {
-    "encoders": {"image": "lenet", "audio": "lenet"},
+    "encoders": "image=lenet,audio=lenet",
     "encoder_kwargs": {"image": {"channels": 3, "num_blocks": 3},
                        "audio": {"channels": 3, "num_blocks": 5}},
     "joint_encoder_kwargs": {"image": {"channels": 6, "num_blocks": 3},
@@ -120,8 +120,9 @@ def benchmark_config(config):
   notes = []
   if config is None:
     config, notes = base, ["no --config: configs/default.py with the paper's AV-MNIST model"]
+  from i2m2_jax import models  # pylint: disable=g-import-not-at-top
   model = config.model
-  encoders = dict(model.get("encoders") or {})
+  encoders = models.config_mapping(model.get("encoders"), "config.model.encoders")
   if any(encoders.get(m) != "lenet" for m in MODALITY_SHAPES):
     notes.append("the config's model is not the AV-MNIST LeNet one; using the paper's model "
                  "(divyam3897/I2M2, avmnist_and_mimic/avmnist_main.py) with the config's "
@@ -157,12 +158,13 @@ def model_flops(model_config, shapes: Mapping[str, Sequence[int]] = MODALITY_SHA
   """Per-example FLOPs of the LeNet model of `model_config` (module docstring):
   {'forward', 'train'}, for its kind (or `kind`/`modality` to count one expert)."""
   from i2m2_jax import models  # pylint: disable=g-import-not-at-top
-  kind = kind or model_config.kind
-  names = models.expert_names(kind, list(shapes), modality or model_config.get("modality", ""))
+  counted = model_config.copy_and_resolve_references()
+  counted.kind = kind or model_config.kind
+  counted.modality = modality or model_config.get("modality", "")
   forward, first_convs = 0.0, 0.0
-  for name in names:
+  for name, reads in models.expert_layout(counted, list(shapes)).items():
     features = 0
-    for m in models.expert_modalities(name, list(shapes)):
+    for m in reads:
       kw = dict(model_config.encoder_kwargs[m])
       if name == models.JOINT and model_config.get("joint_encoder_kwargs") and \
           m in model_config.joint_encoder_kwargs:
@@ -247,36 +249,30 @@ class Path:
   def __init__(self, name: str, config, mesh, counter: CompileCounter, kind: str = "i2m2",
                modality: str = "", dtype: str = "float32"):
     import jax  # pylint: disable=g-import-not-at-top
-    import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-    from i2m2_jax import models, train_lib  # pylint: disable=g-import-not-at-top
+    from i2m2_jax import steps  # pylint: disable=g-import-not-at-top
+    from i2m2_jax.experiment import build_experiment  # pylint: disable=g-import-not-at-top
     self.name, self.mesh, self.counter = name, mesh, counter
-    model_config = config.model.copy_and_resolve_references()
-    model_config.implementation = "fast" if name == "fast" else "plain"
-    model_config.kind = kind
-    model_config.modality = modality
-    model_config.compute_dtype = dtype
-    compute_dtype = models.compute_dtype(model_config)
-    self.model = models.build_model(model_config, MODALITY_SHAPES, NUM_CLASSES)
+    run = config.copy_and_resolve_references()
+    run.model.implementation = "fast" if name == "fast" else "plain"
+    run.model.kind, run.model.modality, run.model.compute_dtype = kind, modality, dtype
+    run.seed, run.num_train_steps = 0, 10_000
     self.dataset = _fake_dataset(8, 0)
-    self.preprocess = train_lib.make_preprocess(self.dataset, None, compute_dtype)
-    tx = train_lib.create_optimizer(config.optimizer, 10_000)
-    example = {m: jnp.zeros((1,) + tuple(s), jnp.float32) for m, s in MODALITY_SHAPES.items()}
-    self.state = train_lib.create_train_state(self.model, tx, example, jax.random.key(0), mesh,
-                                              compute_dtype)
+    exp = build_experiment(run, self.dataset, mesh=mesh, stats=None)  # uint8 scaled to [0, 1]
+    self.model, self.preprocess, self.task, self.state = exp.model, exp.preprocess, exp.task, exp.state
     jax.block_until_ready(self.state)
     baseline = name == "plain"  # the straightforward version: XLA's default compile options
-    self.train_fn = train_lib.jit_train_step(self.preprocess, mesh, xla_defaults=baseline)
-    self.eval_fn = train_lib.jit_eval_step(self.preprocess, mesh, xla_defaults=baseline)
+    self.train_fn = steps.jit_train_step(exp.task, exp.preprocess, mesh, xla_defaults=baseline)
+    self.eval_fn = steps.jit_eval_step(exp.task, exp.preprocess, mesh, xla_defaults=baseline)
     self.first_step: dict[int, dict[str, float]] = {}
 
   def train(self, batch) -> float:
     """One synchronised train step; returns its seconds (the first per shape is recorded)."""
-    from i2m2_jax import train_lib  # pylint: disable=g-import-not-at-top
+    from i2m2_jax import sharding  # pylint: disable=g-import-not-at-top
     size = int(batch["label"].shape[0])
     count, seconds = self.counter.snapshot()
     t = time.perf_counter()
     self.state, sums = self.train_fn(self.state, batch)
-    train_lib.to_host(sums)
+    sharding.to_host(sums)
     elapsed = time.perf_counter() - t
     if size not in self.first_step:
       n, s = self.counter.snapshot()
@@ -285,10 +281,10 @@ class Path:
     return elapsed
 
   def evaluate(self, batch) -> float:
-    from i2m2_jax import train_lib  # pylint: disable=g-import-not-at-top
+    from i2m2_jax import sharding  # pylint: disable=g-import-not-at-top
     t = time.perf_counter()
     out = self.eval_fn(self.state, batch)
-    train_lib.to_host(out["sums"])
+    sharding.to_host(out["sums"])
     return time.perf_counter() - t
 
 
@@ -336,23 +332,23 @@ def input_wait(path: Path, source, batch: int, steps: int, warmup: int = 3) -> d
   """Fraction of the fed loop's wall time spent in next(iterator) of the real pipeline, and its
   examples/s. The loop is the trainer's (train_lib.train_and_evaluate): one step in flight, i.e.
   step n+1 is dispatched before the host waits for step n's metric sums."""
-  from i2m2_jax import input_pipeline, train_lib  # pylint: disable=g-import-not-at-top
+  from i2m2_jax import input_pipeline, sharding  # pylint: disable=g-import-not-at-top
   batches = input_pipeline.train_batches(source, batch_size=batch, seed=0,
                                          modalities=list(MODALITY_SHAPES))
   waits, in_flight, start = [], None, 0.0
   for i in range(warmup + steps):
     if i == warmup:
-      train_lib.to_host(in_flight)  # the warm-up steps are done
+      sharding.to_host(in_flight)  # the warm-up steps are done
       in_flight, start = None, time.perf_counter()
     t0 = time.perf_counter()
     local = next(batches)
     if i >= warmup:
       waits.append(time.perf_counter() - t0)
-    path.state, sums = path.train_fn(path.state, train_lib.global_batch(local, path.mesh))
+    path.state, sums = path.train_fn(path.state, sharding.global_batch(local, path.mesh))
     if in_flight is not None:
-      train_lib.to_host(in_flight)
+      sharding.to_host(in_flight)
     in_flight = sums
-  train_lib.to_host(in_flight)
+  sharding.to_host(in_flight)
   total = time.perf_counter() - start
   return {"input_wait_fraction": sum(waits) / total,
           "input_wait_ms": 1e3 * sum(waits) / len(waits),
@@ -384,11 +380,11 @@ def run(config, batches: Sequence[int], steps: int, repeats: int, paths: Sequenc
         input_path: str = "fast") -> tuple[list[dict[str, Any]], str]:
   """Measures everything (module docstring); returns (JSON rows, Markdown report)."""
   import jax  # pylint: disable=g-import-not-at-top
-  from i2m2_jax import input_pipeline, train_lib  # pylint: disable=g-import-not-at-top
+  from i2m2_jax import evaluation, input_pipeline, sharding  # pylint: disable=g-import-not-at-top
   load_before = os.getloadavg()
   config, notes = benchmark_config(config)
   counter = CompileCounter()
-  mesh = train_lib.make_mesh()
+  mesh = sharding.make_mesh()
   machine = _machine()
   for b in batches:
     if b % jax.device_count():
@@ -406,7 +402,7 @@ def run(config, batches: Sequence[int], steps: int, repeats: int, paths: Sequenc
   built = {(p, d): Path(p, config, mesh, counter, dtype=d) for p, d in runs}
   rows: dict[tuple[str, str, str, int], dict[str, Any]] = {}
   for b in batches:
-    device_batches = [train_lib.global_batch(h, mesh) for h in random_batches(b, 4, seed=b)]
+    device_batches = [sharding.global_batch(h, mesh) for h in random_batches(b, 4, seed=b)]
     for run_key in runs:  # the first step of each shape compiles
       built[run_key].train(device_batches[0])
       built[run_key].evaluate(device_batches[0])
@@ -428,10 +424,11 @@ def run(config, batches: Sequence[int], steps: int, repeats: int, paths: Sequenc
       rows[(p, d, "train", b)] = {**_median_row(times[((p, d), "train")], b),
                                   **path.first_step[b],
                                   "recompilations": recompiles[((p, d), "train")]}
-      # Padded evaluation: a split whose last batch is padded, through train_lib.evaluate.
+      # Padded evaluation: a split whose last batch is padded, through evaluation.evaluate.
       padded = _fake_dataset(2 * b + b // 2 + 1, seed=b + 1)
       n0 = counter.snapshot()[0]
-      train_lib.evaluate(path.eval_fn, path.state, padded.sources["val"], padded, b, mesh)
+      evaluation.evaluate(path.eval_fn, path.state, padded.sources["val"], padded, path.task, b,
+                          mesh)
       rows[(p, d, "eval", b)] = {**_median_row(times[((p, d), "eval")], b),
                                  "recompilations": recompiles[((p, d), "eval")],
                                  "recompilations_padded_eval": counter.snapshot()[0] - n0}
@@ -459,7 +456,7 @@ def run(config, batches: Sequence[int], steps: int, repeats: int, paths: Sequenc
       alone_runs.update({name: Path(p, config, mesh, counter, kind=kind, modality=modality)
                          for name, (kind, modality) in alone.items()})
       for b in batches:
-        batch = train_lib.global_batch(random_batches(b, 1, seed=b)[0], mesh)
+        batch = sharding.global_batch(random_batches(b, 1, seed=b)[0], mesh)
         times = {name: [] for name in alone_runs}
         for path in alone_runs.values():
           path.train(batch)

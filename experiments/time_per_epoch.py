@@ -28,14 +28,15 @@ import time
 from absl import app
 from absl import flags
 import jax
-import jax.numpy as jnp
 from ml_collections import config_flags
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # pylint: disable=g-import-not-at-top,wrong-import-position
 from experiments import recipes  # noqa: E402
-from i2m2_jax import input_pipeline, models, train_lib  # noqa: E402
+from i2m2_jax import evaluation, input_pipeline, sharding  # noqa: E402
+from i2m2_jax.experiment import build_experiment  # noqa: E402
+from i2m2_jax.steps import jit_eval_step, jit_train_step  # noqa: E402
 from i2m2_jax.datasets import Dataset  # noqa: E402
 from i2m2_jax.datasets import avmnist, mimic  # noqa: E402
 # pylint: enable=g-import-not-at-top,wrong-import-position
@@ -74,21 +75,17 @@ def time_stage(config, dataset: Dataset, steps: int, warmup: int, eval_examples:
   """(parameters, seconds per train step in the fastest window of `window` steps, the same in
   the median window, seconds per evaluated example in the faster of two passes). On a shared
   machine the fastest window is the best estimate of an idle one."""
-  mesh = train_lib.make_mesh()
-  model = models.build_model(config.model, dataset.modalities, dataset.num_classes)
-  preprocess = train_lib.make_preprocess(dataset, None)
-  tx = train_lib.create_optimizer(config.optimizer, 1000)
-  example = {m: jnp.zeros((1,) + tuple(s), jnp.float32) for m, s in dataset.modalities.items()}
-  state = train_lib.create_train_state(model, tx, example, jax.random.key(0), mesh)
-  train_fn = train_lib.jit_train_step(preprocess, mesh)
+  exp = build_experiment(config, dataset, stats=None)  # uint8 scaled to [0, 1] on device
+  mesh, state = exp.mesh, exp.state
+  train_fn = jit_train_step(exp.task, exp.preprocess, mesh)
   batches = input_pipeline.train_batches(
       dataset.sources["train"], batch_size=config.batch_size, seed=0,
-      modalities=list(dataset.modalities))
+      modalities=list(dataset.modalities), targets=exp.task.target_keys)
 
   def run(n, state):
     for _ in range(n):
-      state, sums = train_fn(state, train_lib.global_batch(next(batches), mesh))
-      train_lib.to_host(sums)  # the training loop syncs on the metrics every step
+      state, sums = train_fn(state, sharding.global_batch(next(batches), mesh))
+      sharding.to_host(sums)  # the training loop syncs on the metrics every step
     return state
 
   state = run(warmup, state)
@@ -98,14 +95,16 @@ def time_stage(config, dataset: Dataset, steps: int, warmup: int, eval_examples:
     state = run(window, state)
     windows.append((time.perf_counter() - start) / window)
 
-  eval_fn = train_lib.jit_eval_step(preprocess, mesh)
+  eval_fn = jit_eval_step(exp.task, exp.preprocess, mesh)
   subset = input_pipeline.InMemorySource(
       {k: v[:eval_examples] for k, v in dataset.sources["val"].columns.items()})
-  train_lib.evaluate(eval_fn, state, subset, dataset, config.eval_batch_size, mesh)  # compiles
+  evaluation.evaluate(eval_fn, state, subset, dataset, exp.task, config.eval_batch_size,
+                      mesh)  # compiles
   evals = []
   for _ in range(2):
     start = time.perf_counter()
-    train_lib.evaluate(eval_fn, state, subset, dataset, config.eval_batch_size, mesh)
+    evaluation.evaluate(eval_fn, state, subset, dataset, exp.task, config.eval_batch_size,
+                        mesh)
     evals.append((time.perf_counter() - start) / eval_examples)
   return n_params(state.params), min(windows), float(np.median(windows)), min(evals)
 

@@ -5,4 +5,8 @@ from i2m2_jax.modules import (CNNEncoder, Conv1DEncoder, GRUEncoder, LateFusionE
                               MultiModalClassifier, UniModalExpert)
 from i2m2_jax.tasks import MulticlassTask, MultilabelTask, SoftLabelTask, build_task
 
+__all__ = ["MODEL_KINDS", "CNNEncoder", "Conv1DEncoder", "GRUEncoder", "LateFusionExpert",
+           "MLPEncoder", "MulticlassTask", "MultiModalClassifier", "MultilabelTask",
+           "SoftLabelTask", "UniModalExpert", "build_model", "build_task", "expert_layout",
+           "product_of_experts"]
 __version__ = "0.1.0"

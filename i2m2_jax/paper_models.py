@@ -41,7 +41,6 @@ Porting choices, each checked against PyTorch semantics:
 """
 from __future__ import annotations
 
-import functools
 import math
 from typing import Mapping, Sequence
 

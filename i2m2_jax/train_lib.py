@@ -100,15 +100,11 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                        dataset: Dataset | None = None) -> dict[str, Any]:
   """Trains config.model.kind on config.data, keeps the best checkpoint on validation
-  (config.selection_metric, in the task's direction), and writes `workdir/results.json` with
-  the val and test metrics of that checkpoint, and test metrics with each modality missing
-  (`missing_modality`) unless config.eval_missing_modalities is False.
-
-  Resumes from the latest complete checkpoint in `workdir/checkpoints` (module docstring).
-  `dataset` replaces `load_dataset(config.data)` (tests pass in-memory data). Raises
-  `NonFiniteError` on a non-finite loss, gradient or parameter, `Preempted` after SIGTERM (once
-  the checkpoint is saved), and ValueError for config or data errors, before anything is written.
-  """
+  (config.selection_metric, in the task's direction) and writes `workdir/results.json`: val and
+  test metrics of that checkpoint, and test metrics with each modality missing. Resumes from the
+  latest complete checkpoint (module docstring). `dataset` replaces load_dataset(config.data).
+  Raises NonFiniteError, Preempted (after SIGTERM, once saved), and ValueError for config or data
+  errors before anything is written."""
   validate_config(config)
   is_main = jax.process_index() == 0
   dataset = keep_in_memory(dataset or _load_dataset_in_turn(config.data),

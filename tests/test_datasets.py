@@ -284,7 +284,7 @@ def _bad(case, arrays):
   elif case == "negative_label":
     val["label"] = val["label"] - 1
   elif case == "label_not_1d":
-    train["label"] = train["label"][:, None]
+    train["label"] = train["label"][:, None, None]
   elif case == "first_axis_mismatch":
     train["seq"] = train["seq"][:-1]
   elif case == "missing_modality":
@@ -323,7 +323,7 @@ BAD_CASES = {
     "string_labels": ["train.npz", "'label'", "integer"],
     "label_out_of_range": ["test.npz", "'label'", "0..2"],
     "negative_label": ["val.npz", "'label'", "negative"],
-    "label_not_1d": ["train.npz", "'label'", "[N]"],
+    "label_not_1d": ["train.npz", "'label'", "[N]", "[N, L]"],
     "first_axis_mismatch": ["train.npz", "'seq'", "first ax"],
     "missing_modality": ["test.npz", "'vec'", "missing"],
     "extra_modality": ["test.npz", "extra"],
@@ -372,14 +372,13 @@ def test_npz_bad_folder_or_missing_files(tmp_path):
 # builder_utils
 
 
-def test_split_sources_reads_tfds_sources_directly_when_large(tmp_path):
+def test_in_memory_splits_read_as_the_tfds_sources(tmp_path):
   config = builder_utils.knobs_config(
       {**synthetic.DEFAULTS, "dims": [3, 3], "intra_strength": [1.0, 1.0], **SMALL_SYNTHETIC})
   builder = builder_utils.prepare(synthetic.I2m2Synthetic, config, str(tmp_path))
-  on_disk = builder_utils.split_sources(builder, in_memory_max_bytes=0)
-  in_memory = builder_utils.split_sources(builder)
+  on_disk = builder_utils.split_sources(builder)
+  in_memory = {k: InMemorySource.from_source(v) for k, v in on_disk.items()}
   assert not isinstance(on_disk["train"], InMemorySource)
-  assert isinstance(in_memory["train"], InMemorySource)
   a = gather_batch(on_disk["val"], [5, 2, 7], ["m0", "m1"])
   b = gather_batch(in_memory["val"], [5, 2, 7], ["m0", "m1"])
   for key in ("m0", "m1"):
@@ -398,9 +397,16 @@ def test_stratified_partition():
   assert len(np.unique(np.concatenate(parts))) == 100
 
 
-def test_in_memory_limit_from_config(tmp_path):
-  config = data_config(name="synthetic", data_dir=str(tmp_path), in_memory_max_mb=0,
-                       **SMALL_SYNTHETIC)
-  dataset = load_dataset(config)
-  assert not isinstance(dataset.sources["train"], InMemorySource)
-  assert_matches_spec(dataset, {"train": 300, "val": 60, "test": 80})
+def test_one_in_memory_setting_from_config(tmp_path):
+  """config.data.in_memory_max_gb decides, in load_dataset, which splits are held in memory:
+  train and val when small enough; the test split (read once) never."""
+  on_disk = load_dataset(data_config(name="synthetic", data_dir=str(tmp_path),
+                                     in_memory_max_gb=0.0, **SMALL_SYNTHETIC))
+  assert not any(isinstance(s, InMemorySource) for s in on_disk.sources.values())
+  assert_matches_spec(on_disk, {"train": 300, "val": 60, "test": 80})
+  held = load_dataset(data_config(name="synthetic", data_dir=str(tmp_path),
+                                  in_memory_max_gb=1.0, **SMALL_SYNTHETIC))
+  assert [isinstance(held.sources[s], InMemorySource) for s in SPLITS] == [True, True, False]
+  assert_matches_spec(held, {"train": 300, "val": 60, "test": 80})
+  assert held.provenance["fingerprint"] == on_disk.provenance["fingerprint"]
+  assert held.provenance["fingerprint"].startswith("knobs:")

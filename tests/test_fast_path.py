@@ -24,7 +24,16 @@ from configs import default as default_config
 from i2m2_jax import checkpointing
 from i2m2_jax import models
 from i2m2_jax import paper_models
+from i2m2_jax import evaluation
+from i2m2_jax import input_pipeline
+from i2m2_jax import modules
+from i2m2_jax import sharding
+from i2m2_jax import steps
+from i2m2_jax import tasks
 from i2m2_jax import train_lib
+from i2m2_jax.datasets import Dataset
+from i2m2_jax.experiment import build_experiment, create_train_state, make_preprocess
+from i2m2_jax.optim import create_optimizer
 from i2m2_jax.fast import FastLeNetClassifier
 from i2m2_jax.fast import classifier as fast_classifier
 from i2m2_jax.fast import ops as fast_ops
@@ -41,7 +50,7 @@ def small_model_config(kind="i2m2", modality="", num_blocks=3, **overrides):
   the first (3 for 28x28 inputs; 1 for the tiny 12x12 ones that keep compilation short)."""
   config = default_config.get_config().model
   config.kind, config.modality = kind, modality
-  config.encoders = ml_collections.ConfigDict({"image": "lenet", "audio": "lenet"})
+  config.encoders = "image=lenet,audio=lenet"
   config.encoder_kwargs = ml_collections.ConfigDict({
       "image": {"channels": 3, "num_blocks": num_blocks},
       "audio": {"channels": 2, "num_blocks": num_blocks}})
@@ -204,23 +213,57 @@ def test_trainer_step_on_two_devices_same_update(rbg_default_prng):
   shapes = {"image": (8, 8, 1), "audio": (12, 12, 1)}
   model_config = small_model_config(num_blocks=1)
   plain, fast = build_pair(model_config, shapes)
-  mesh = train_lib.make_mesh()
-  tx = train_lib.create_optimizer(avmnist_config.get_config("i2m2").optimizer, 100)
+  mesh = sharding.make_mesh()
+  tx = create_optimizer(avmnist_config.get_config("i2m2").optimizer, 100)
   example = {m: jnp.zeros((1,) + s) for m, s in shapes.items()}
-  preprocess = train_lib.make_preprocess(type("D", (), {"modalities": shapes})(), None)
+  preprocess = make_preprocess(list(shapes), None)
   rng = np.random.default_rng(0)
-  batch = train_lib.global_batch(
+  batch = sharding.global_batch(
       {"inputs": {m: rng.integers(1, 256, (8,) + s, dtype=np.uint8) for m, s in shapes.items()},
        "label": rng.integers(0, 10, 8).astype(np.int32), "mask": np.ones(8, bool)}, mesh)
   results = []
   for model in (plain, fast):
-    state = train_lib.create_train_state(model, tx, example, jax.random.key(0), mesh)
-    step = train_lib.jit_train_step(preprocess, mesh)
+    state = create_train_state(model, tx, example, jax.random.key(0), mesh)
+    step = steps.jit_train_step(tasks.MulticlassTask(10), preprocess, mesh)
     for _ in range(2):
       state, sums = step(state, batch)
     results.append((jax.device_get(state.params), jax.device_get(state.batch_stats),
-                    train_lib.to_host(sums)["loss_sum"]))
+                    sharding.to_host(sums)["loss_sum"]))
   assert_close(results[0], results[1], rtol=1e-3, atol=1e-4)
+
+
+def test_fast_run_reports_the_plain_models_missing_modality_numbers(tmp_path, rbg_default_prng):
+  """A fast model trained through train_and_evaluate reports, for each missing modality, the
+  numbers the plain model gives on the same weights (the trainer asks models.expert_layout which
+  experts read what, whatever the implementation)."""
+  del rbg_default_prng
+  rng = np.random.default_rng(0)
+  label = rng.integers(0, 10, 48)
+  columns = {m: rng.integers(1, 256, (48,) + s, dtype=np.uint8) for m, s in TINY_SHAPES.items()}
+  source = input_pipeline.InMemorySource({**columns, "label": label})
+  dataset = Dataset(name="tiny_av", modalities=dict(TINY_SHAPES), num_classes=10,
+                    sources={"train": source, "val": source, "test": source})
+  config = default_config.get_config()
+  config.model = small_model_config(num_blocks=1, implementation="fast")
+  config.data.standardize = False
+  config.batch_size, config.eval_batch_size, config.num_train_steps = 16, 16, 4
+  config.eval_every_steps = config.log_every_steps = 4
+  results = train_lib.train_and_evaluate(config, str(tmp_path / "fast"), dataset=dataset)
+  missing = results["missing_modality"]
+  assert missing["image"]["experts_used"] == ["uni_audio"]
+  assert missing["audio"]["experts_used"] == ["uni_image"]
+
+  plain_config = config.copy_and_resolve_references()
+  plain_config.model.implementation = "plain"
+  exp = build_experiment(plain_config, dataset, stats=None)
+  with checkpointing.Checkpointer(checkpointing.checkpoint_dir(str(tmp_path / "fast")),
+                                  read_only=True) as ckpt:
+    state = ckpt.restore(results["best_step"], exp.state)
+  plain = evaluation.evaluate_missing_modalities(state, source, dataset, exp.task, exp.layout, 16,
+                                                 exp.mesh, preprocess=exp.preprocess, kind="i2m2")
+  for m in TINY_SHAPES:
+    assert missing[m]["accuracy"] == pytest.approx(plain[m]["accuracy"], abs=1e-9)
+    assert missing[m]["nll"] == pytest.approx(plain[m]["nll"], rel=1e-4)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -244,10 +287,10 @@ def test_variable_conversion_round_trip():
 
 def _save_state(workdir, model_config, shapes):
   model = models.build_model(model_config, shapes, 10)
-  mesh = train_lib.make_mesh()
-  tx = train_lib.create_optimizer(default_config.get_config().optimizer, 10)
-  state = train_lib.create_train_state(model, tx, {m: jnp.zeros((1,) + s) for m, s in
-                                                   shapes.items()}, jax.random.key(3), mesh)
+  mesh = sharding.make_mesh()
+  tx = create_optimizer(default_config.get_config().optimizer, 10)
+  state = create_train_state(model, tx, {m: jnp.zeros((1,) + s) for m, s in shapes.items()},
+                             jax.random.key(3), mesh)
   state = state.replace(params=perturbed(state.params, seed=5),
                         batch_stats=perturbed(state.batch_stats, seed=6))
   with checkpointing.Checkpointer(checkpointing.checkpoint_dir(workdir)) as ckpt:
@@ -265,12 +308,12 @@ def test_init_from_across_implementations(tmp_path, saved_with, loaded_into, rbg
   saved_joint = _save_state(str(tmp_path / "inter"), joint, TINY_SHAPES)
   i2m2 = small_model_config(num_blocks=1, implementation=loaded_into)
   model = models.build_model(i2m2, TINY_SHAPES, 10)
-  mesh = train_lib.make_mesh()
-  tx = train_lib.create_optimizer(default_config.get_config().optimizer, 10)
-  state = train_lib.create_train_state(model, tx, {m: jnp.zeros((1,) + s) for m, s in
-                                                   TINY_SHAPES.items()}, jax.random.key(0), mesh)
+  mesh = sharding.make_mesh()
+  tx = create_optimizer(default_config.get_config().optimizer, 10)
+  state = create_train_state(model, tx, {m: jnp.zeros((1,) + s) for m, s in TINY_SHAPES.items()},
+                             jax.random.key(0), mesh)
   spec = f"uni_audio={tmp_path / 'uni_audio'},joint={tmp_path / 'inter'}"
-  loaded = jax.device_get(train_lib.load_expert_init(state, spec, mesh))
+  loaded = jax.device_get(checkpointing.load_expert_init(state, spec, mesh))
   chex.assert_trees_all_equal(loaded.params["uni_audio"], saved_uni.params["uni_audio"])
   chex.assert_trees_all_equal(loaded.batch_stats["joint"], saved_joint.batch_stats["joint"])
   chex.assert_trees_all_equal(loaded.params["uni_image"], jax.device_get(state.params["uni_image"]))
@@ -278,14 +321,14 @@ def test_init_from_across_implementations(tmp_path, saved_with, loaded_into, rbg
 
 def test_build_model_selects_and_rejects():
   config = small_model_config()
-  assert isinstance(models.build_model(config, SMALL_SHAPES, 10), models.MultiModalClassifier)
+  assert isinstance(models.build_model(config, SMALL_SHAPES, 10), modules.MultiModalClassifier)
   config.implementation = "fast"
   assert isinstance(models.build_model(config, SMALL_SHAPES, 10), FastLeNetClassifier)
   assert default_config.get_config().model.implementation == "plain"
   with pytest.raises(ValueError, match="implementation='fast' supports the late_fusion"):
     models.build_model(small_model_config(fusion="lrtf", implementation="fast"), SMALL_SHAPES, 10)
   bad = small_model_config(implementation="fast")
-  bad.encoders.audio = "cnn"
+  bad.encoders = "image=lenet,audio=cnn"
   with pytest.raises(ValueError, match=r"encoders.audio is 'cnn'"):
     models.build_model(bad, SMALL_SHAPES, 10)
   bad = small_model_config(implementation="fast")

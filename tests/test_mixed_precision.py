@@ -4,15 +4,22 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from i2m2_jax import checkpointing, models, train_lib
-from tests.test_train_lib import batches, dataset, tiny_config  # noqa: F401  (fixture)
+from helpers import tiny_config, tiny_dataset
+from i2m2_jax import checkpointing, models, sharding, steps, tasks, train_lib
+from i2m2_jax.experiment import create_train_state, make_preprocess
+from i2m2_jax.optim import create_optimizer
 
 LENET_SHAPES = {"image": (12, 12, 1), "audio": (16, 16, 1)}
 
 
+@pytest.fixture(scope="module")
+def dataset():
+  return tiny_dataset()
+
+
 def lenet_config():
   config = tiny_config()
-  config.model.encoders = {"image": "lenet", "audio": "lenet"}
+  config.model.encoders = "image=lenet,audio=lenet"
   config.model.encoder_kwargs = {"image": {"channels": 2, "num_blocks": 1},
                                  "audio": {"channels": 2, "num_blocks": 2}}
   config.model.joint_encoder_kwargs = {"image": {"channels": 3, "num_blocks": 1},
@@ -21,13 +28,12 @@ def lenet_config():
 
 
 def state_and_batch(config, shapes, dtype, seed=0):
-  mesh = train_lib.make_mesh()
+  mesh = sharding.make_mesh()
   model = models.build_model(config.model, shapes, 3)
-  data = type("D", (), {"modalities": shapes})()
-  preprocess = train_lib.make_preprocess(data, None, dtype)
-  tx = train_lib.create_optimizer(config.optimizer, 10)
+  preprocess = make_preprocess(list(shapes), None, dtype)
+  tx = create_optimizer(config.optimizer, 10)
   example = {m: jnp.zeros((1,) + s) for m, s in shapes.items()}
-  state = train_lib.create_train_state(model, tx, example, jax.random.key(seed), mesh, dtype)
+  state = create_train_state(model, tx, example, jax.random.key(seed), mesh, dtype)
   rng = np.random.default_rng(seed + 1)
   batch = {"inputs": {m: rng.normal(size=(8,) + s).astype(np.float32) for m, s in shapes.items()},
            "label": rng.integers(0, 3, 8).astype(np.int32), "mask": np.ones(8, bool)}
@@ -45,10 +51,9 @@ def test_bfloat16_computes_the_float32_function_to_bfloat16_rounding(which):
     assert all(x.dtype == dtype for x in inputs.values())
     outs[dtype] = state.apply_fn({"params": state.params, "batch_stats": state.batch_stats},
                                  inputs, train=False)
-    g, new_stats, _ = train_lib.loss_and_grads(state, batch, preprocess=preprocess)
+    g, new_stats, _ = steps.loss_and_grads(state, batch, task=tasks.MulticlassTask(3),
+                                           preprocess=preprocess)
     grads[dtype] = g
-    # The experts behind the wrapped apply (missing-modality evaluation reads them, in order).
-    assert train_lib.model_expert_names(state) == list(models.expert_names("i2m2", list(shapes)))
     # Parameters, their gradients and BatchNorm statistics stay float32.
     for leaf in jax.tree.leaves((state.params, g, new_stats)):
       assert leaf.dtype == jnp.float32

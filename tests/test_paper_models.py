@@ -260,7 +260,7 @@ def _model_config(**overrides):
 def avmnist_model_config(kind, fusion):
   return _model_config(
       kind=kind, fusion=fusion, head_hidden=(100,),
-      encoders=ml_collections.ConfigDict({"image": "lenet", "audio": "lenet"}),
+      encoders="image=lenet,audio=lenet",
       encoder_kwargs=ml_collections.ConfigDict({
           "image": {"channels": 3, "num_blocks": 3}, "audio": {"channels": 3, "num_blocks": 5}}),
       joint_encoder_kwargs=ml_collections.ConfigDict({
@@ -270,7 +270,7 @@ def avmnist_model_config(kind, fusion):
 def mimic_model_config(kind):
   return _model_config(
       kind=kind, fusion="late_fusion", head_hidden=(40,),
-      encoders=ml_collections.ConfigDict({"static": "mlp_raw", "timeseries": "gru_linear"}),
+      encoders="static=mlp_raw,timeseries=gru_linear",
       encoder_kwargs=ml_collections.ConfigDict({
           "static": {"features": (10, 10)},
           "timeseries": {"hidden": 30, "per_step_features": 15}}),

@@ -18,7 +18,6 @@ import subprocess
 import sys
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
@@ -29,21 +28,23 @@ from configs import mimic as mimic_config
 from experiments import recipes
 from experiments.recipes import avmnist as avmnist_recipe
 from experiments.recipes import mimic as mimic_recipe
-from i2m2_jax import checkpointing, input_pipeline, models, train_lib
+from i2m2_jax import checkpointing, evaluation, input_pipeline, steps, train_lib
 from i2m2_jax.datasets import Dataset, load_dataset
+from i2m2_jax.experiment import build_experiment, make_preprocess
 from test_avmnist_mimic import mimic_arrays, write_avmnist, write_mimic
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO, "experiments"))
 import reproduce  # noqa: E402  pylint: disable=g-import-not-at-top
 
-# Runs experiments/reproduce.py as __main__ after wrapping train_lib.load_expert_init, so that the
-# state each staged run starts from is dumped to $SPY_DIR (the trainer calls it by module name).
+# Runs experiments/reproduce.py as __main__ after wrapping checkpointing.load_expert_init, so that
+# the state each staged run starts from is dumped to $SPY_DIR (the trainer calls it by module
+# name).
 SPY_RUNNER = r"""
 import os, pickle, runpy, sys
 import jax
-from i2m2_jax import train_lib
-original = train_lib.load_expert_init
+from i2m2_jax import checkpointing
+original = checkpointing.load_expert_init
 def spy(state, init_from, mesh):
   state = original(state, init_from, mesh)
   dump = {"init_from": init_from, "params": jax.device_get(state.params),
@@ -52,7 +53,7 @@ def spy(state, init_from, mesh):
   with open(path, "wb") as f:
     pickle.dump(dump, f)
   return state
-train_lib.load_expert_init = spy
+checkpointing.load_expert_init = spy
 sys.argv = sys.argv[1:]
 runpy.run_path(sys.argv[0], run_name="__main__")
 """
@@ -219,7 +220,7 @@ def test_avmnist_config_inputs_reach_the_model_as_x_over_255(tmp_path):
                       "data_dir": str(tmp_path / "tfds"), "num_val": 4})
   dataset = load_dataset(config.data)
   stats = None if not config.data.standardize else "would standardise"
-  preprocess = train_lib.make_preprocess(dataset, stats)
+  preprocess = make_preprocess(list(dataset.modalities), stats)
   batch = input_pipeline.gather_batch(dataset.sources["test"], range(4), list(dataset.modalities))
   assert batch["inputs"]["audio"].dtype == np.uint8  # 4x fewer bytes to the device
   out = jax.jit(preprocess)(batch["inputs"])
@@ -241,19 +242,16 @@ def test_binary_evaluation_auroc_auprc_match_sklearn():
   source = input_pipeline.InMemorySource({"a": a, "b": b, "label": label})
   dataset = Dataset(name="binary", modalities={"a": (5,), "b": (4, 3)}, num_classes=2,
                     sources={"train": source, "val": source, "test": source})
-  model_config = mimic_config.get_config("icd9_140_239,i2m2").model
-  model_config.encoders = ml_collections.ConfigDict({"a": "mlp_raw", "b": "mlp_raw"})
-  model_config.encoder_kwargs = ml_collections.ConfigDict(
+  config = mimic_config.get_config("icd9_140_239,i2m2")
+  config.model.encoders = "a=mlp_raw,b=mlp_raw"
+  config.model.encoder_kwargs = ml_collections.ConfigDict(
       {"a": {"features": (10, 10)}, "b": {"features": (8,)}})
-  model_config.joint_encoder_kwargs = ml_collections.ConfigDict()
-  model = models.build_model(model_config, dataset.modalities, 2)
-  mesh = train_lib.make_mesh()
-  preprocess = train_lib.make_preprocess(dataset, None)
-  tx = train_lib.create_optimizer(mimic_config.get_config().optimizer, 10)
-  example = {m: jnp.zeros((1,) + s) for m, s in dataset.modalities.items()}
-  state = train_lib.create_train_state(model, tx, example, jax.random.key(3), mesh)
-  result = train_lib.evaluate(train_lib.jit_eval_step(preprocess, mesh), state, source, dataset,
-                              8, mesh)
+  config.model.joint_encoder_kwargs = ml_collections.ConfigDict()
+  config.seed = 3
+  exp = build_experiment(config, dataset, stats=None)
+  state, preprocess, mesh = exp.state, exp.preprocess, exp.mesh
+  result = evaluation.evaluate(steps.jit_eval_step(exp.task, preprocess, mesh), state, source,
+                               dataset, exp.task, 8, mesh)
   out = state.apply_fn({"params": state.params}, preprocess({"a": a, "b": b}), train=False)
   p1 = np.exp(np.asarray(out["log_probs"], np.float64)[:, 1])
   assert result["auroc"] == pytest.approx(sk_metrics.roc_auc_score(label, p1), abs=1e-6)

@@ -6,7 +6,6 @@ import shutil
 
 import chex
 import jax
-import numpy as np
 import pytest
 
 from helpers import NUM_CLASSES, tiny_config, tiny_dataset

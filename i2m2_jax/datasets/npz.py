@@ -106,12 +106,16 @@ def read_headers(path: str) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
     raise ValueError(f"{name}: cannot read it as an .npz file written by np.savez ({e}).") from e
 
 
+def _check_label_rank(shape: tuple[int, ...], file_name: str) -> None:
+  if len(shape) not in (1, 2):
+    raise ValueError(f"{file_name}: key 'label' has shape {tuple(shape)}; expected [N] integer "
+                     f"classes (one per example) or [N, L] binary labels.")
+
+
 def check_labels(labels: np.ndarray, file_name: str) -> np.ndarray:
   """Labels as int64 [N] (classes) or [N, L] (binary labels); ValueError unless they are whole
   numbers >= 0 (and in {0, 1} for [N, L])."""
-  if labels.ndim not in (1, 2):
-    raise ValueError(f"{file_name}: key 'label' has shape {labels.shape}; expected [N] integer "
-                     f"classes (one per example) or [N, L] binary labels.")
+  _check_label_rank(labels.shape, file_name)
   if np.issubdtype(labels.dtype, np.floating):
     if not np.all(np.isfinite(labels)) or np.any(labels != np.round(labels)):
       raise ValueError(f"{file_name}: key 'label' has non-integer values (dtype "
@@ -155,6 +159,8 @@ def _check_file_structure(path: str, headers) -> None:
                        f"from a pandas column); expected numbers. Convert class names with "
                        f"`codes, names = np.unique(values, return_inverse=True)[::-1]`.")
   targets = [k for k in TARGETS if k in headers]
+  if "label" in headers:
+    _check_label_rank(headers["label"][0], name)
   if not targets:
     raise ValueError(f"{name}: no key 'label' (nor 'scores'); expected integer class labels of "
                      f"shape [N] (or [N, L] binary labels, or float 'scores' [N, C]) next to the "
