@@ -14,13 +14,12 @@ import chex
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import optax
 import pytest
 
 from configs import synthetic
-from helpers import MODALITIES, NUM_CLASSES, apply_overrides, make_split
+from helpers import MODALITIES, NUM_CLASSES, apply_overrides, make_split, tiny_config
 from i2m2_jax import (checkpointing, evaluation, input_pipeline, modules, sharding, steps, tasks,
                       train_lib)
 from i2m2_jax.datasets import Dataset
@@ -30,20 +29,11 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def fast_config(kind="i2m2", **overrides):
-  """test_train_lib's tiny run with MLP encoders only (quick to compile)."""
-  config = ml_collections.ConfigDict(synthetic.get_config("smoke").to_dict())
-  config.model.kind = kind
-  config.model.head_hidden = (16,)
+  """tiny_config with MLP encoders only (quick to compile) and a checkpoint every 3 steps."""
+  config = tiny_config(kind)
   config.model.encoders = "a=mlp,b=mlp"
   config.model.encoder_kwargs = {"a": {"features": (16,)}, "b": {"features": (16,)}}
-  config.batch_size = 16
-  config.eval_batch_size = 16
-  config.num_train_steps = 12
-  config.eval_every_steps = 6
   config.checkpoint_every_steps = 3
-  config.log_every_steps = 3
-  config.optimizer.learning_rate = 3e-3
-  config.optimizer.schedule = "constant"
   config.data.standardize = False
   config.eval_missing_modalities = False
   return apply_overrides(config, overrides)
