@@ -40,6 +40,8 @@ ENCODERS: dict[str, Callable[..., nn.Module]] = {
     "gru_linear": paper_models.GRUSequenceEncoder,
     "gru_all_states": functools.partial(paper_models.GRUSequenceEncoder, per_step_features=0),
     "mlp_raw": paper_models.MLPRawEncoder,
+    # fastMRI knee: PreActResNet-18 (widths, blocks and pooled size are its arguments).
+    "preactresnet18": paper_models.PreActResNet,
 }
 
 # The default encoder for a modality by the rank of one example: vector, sequence, image.
@@ -50,6 +52,8 @@ DEFAULT_ENCODER_BY_RANK = {1: "mlp", 2: "gru", 3: "cnn"}
 FUSIONS: dict[str, Callable[..., nn.Module]] = {
     "late_fusion": modules.LateFusionExpert,
     "lrtf": paper_models.LowRankTensorFusionExpert,
+    # One encoder over the inputs stacked as channels (the first input's encoder; fastMRI).
+    "channel_stack": modules.ChannelStackExpert,
 }
 
 IMPLEMENTATIONS = ("plain", "fast")

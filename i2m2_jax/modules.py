@@ -5,7 +5,8 @@ Everything here is a pure flax.linen module, usable on its own in other JAX code
 * an *encoder* maps one modality's batch [B, ...] to features [B, F] (`__call__(x, train)`);
 * an *expert* maps the dict of all modalities to logits [B, K]: `UniModalExpert` reads one
   modality, `LateFusionExpert` (the paper's LF joint model) concatenates the features of its own
-  per-modality encoders and applies an MLP head;
+  per-modality encoders and applies an MLP head, `ChannelStackExpert` stacks the modalities as
+  channels of one input to one encoder (fastMRI's joint model);
 * `MultiModalClassifier` runs a set of named experts, shapes their logits to the task's output
   shape ([B, C], or [B, L, 2] for L binary labels) and combines them with the normalised product
   of experts over the last axis. The model kinds of the paper are choices of that set.
@@ -120,6 +121,29 @@ class LateFusionExpert(nn.Module):
                 for m, enc in self.encoders]
     return MLP(tuple(self.head), self.dropout_rate, name="head")(
         jnp.concatenate(features, axis=-1), train)
+
+
+class ChannelStackExpert(nn.Module):
+  """q(y | x_1, ..., x_M) from ONE encoder over the inputs concatenated on their last (channel)
+  axis, then an MLP head: the fastMRI joint expert reads magnitude and phase as the 2 channels of
+  one image. Built by the fusion factory like LateFusionExpert, from one encoder per input: the
+  inputs are stacked in that order and the first input's encoder reads the stack (configure it
+  with config.model.encoders / joint_encoder_kwargs of that input); the others are not used.
+  Every input must have the same shape but for the last axis."""
+  encoders: Sequence[tuple[str, nn.Module]]  # (input key, encoder) pairs, stacked in order
+  head: Sequence[int]
+  dropout_rate: float = 0.0
+
+  @nn.compact
+  def __call__(self, inputs: Mapping[str, jax.Array], train: bool = False):
+    keys = [k for k, _ in self.encoders]
+    shapes = {k: tuple(inputs[k].shape[:-1]) for k in keys}
+    if len(set(shapes.values())) != 1:
+      raise ValueError(f"The channel_stack fusion stacks its inputs on their last axis; they "
+                       f"must agree on every other axis, got {shapes}.")
+    stacked = jnp.concatenate([inputs[k] for k in keys], axis=-1)
+    features = self.encoders[0][1].clone(name="encoder", parent=self)(stacked, train)
+    return MLP(tuple(self.head), self.dropout_rate, name="head")(features, train)
 
 
 class MultiModalClassifier(nn.Module):

@@ -1,4 +1,4 @@
-"""The paper's AV-MNIST and MIMIC-III experts (MultiBench architectures) as flax.linen modules.
+"""The paper's AV-MNIST, MIMIC-III and fastMRI experts as flax.linen modules.
 
 `i2m2_jax.models` names them in its registries:
 
@@ -10,7 +10,9 @@
   all 24 hidden states flattened to 720 (`gru_linear` with per_step_features=0 is identical);
 * encoder `mlp_raw`: `MLPRawEncoder(features=(10, 10))`; the MIMIC static MLP(5, 10, 10);
 * fusion `lrtf`: `LowRankTensorFusionExpert(encoders, head, rank=40, output_dim=120)`; the
-  AV-MNIST LRTF joint expert (`late_fusion`, modules.LateFusionExpert, is the LF one).
+  AV-MNIST LRTF joint expert (`late_fusion`, modules.LateFusionExpert, is the LF one);
+* encoder `preactresnet18`: `PreActResNet()`, the fastMRI knee experts' PreActResNet-18
+  (divyam3897/I2M2: fastMRI/models/preactresnet_knee.py), see its docstring.
 
 Sources (pliang279/MultiBench, which divyam3897/I2M2 copies): `unimodals/common_models.py`
 (LeNet, MLP, GRU, GRUWithLinear) and `fusions/common_fusions.py` (LowRankTensorFusion).
@@ -47,6 +49,7 @@ from typing import Mapping, Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from i2m2_jax import modules
 
@@ -315,3 +318,98 @@ class LowRankTensorFusionExpert(nn.Module):
                 for m, enc in self.encoders]
     fused = LowRankTensorFusion(self.output_dim, self.rank, name="fusion")(features)
     return modules.MLP(tuple(self.head), self.dropout_rate, name="head")(fused, train)
+
+
+# ---------------------------------------------------------------------------------------------
+# fastMRI: pre-activation ResNet
+
+# kaiming_normal_(mode='fan_out', nonlinearity='relu'): N(0, 2 / (C_out * K * K)), untruncated,
+# what the reference applies to every convolution (the shortcuts too).
+kaiming_normal_fan_out = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+GROUP_NORM_EPSILON = 1e-5  # PyTorch's GroupNorm default (flax's is 1e-6)
+
+
+def resnet_conv(features: int, kernel: int, stride: int, name: str) -> nn.Conv:
+  """A bias-free KxK convolution with PyTorch's symmetric padding K // 2 (for stride 2, 'SAME'
+  would pad an even input on one side only)."""
+  return nn.Conv(features, (kernel, kernel), strides=(stride, stride),
+                 padding=[(kernel // 2, kernel // 2)] * 2, use_bias=False,
+                 kernel_init=kaiming_normal_fan_out, name=name)
+
+
+def group_norm(channels: int, groups: int, name: str) -> nn.GroupNorm:
+  """GroupNorm with min(groups, channels) groups (32 in the reference; narrower layers, as in
+  small test models, get one channel per group), scale 1, bias 0, epsilon 1e-5."""
+  groups = min(groups, channels)
+  if channels % groups:
+    raise ValueError(f"PreActResNet: {channels} channels do not split into {groups} groups of "
+                     f"GroupNorm; use widths that are multiples of {groups} (or below it).")
+  return nn.GroupNorm(num_groups=groups, epsilon=GROUP_NORM_EPSILON, use_fast_variance=False,
+                      name=name)
+
+
+def adaptive_avg_pool(x: jax.Array, size: tuple[int, int]) -> jax.Array:
+  """PyTorch's AdaptiveAvgPool2d on NHWC: output cell i of n along an axis of length L averages
+  input positions floor(i L / n) .. ceil((i + 1) L / n) - 1 (exact blocks when n divides L)."""
+  def averaging(length: int, n: int) -> np.ndarray:
+    weights = np.zeros((n, length), np.float32)
+    for i in range(n):
+      start, end = (i * length) // n, -(-(i + 1) * length // n)
+      weights[i, start:end] = 1.0 / (end - start)
+    return weights
+  rows, cols = averaging(x.shape[1], size[0]), averaging(x.shape[2], size[1])
+  return jnp.einsum("ih,bhwc,jw->bijc", rows.astype(x.dtype), x, cols.astype(x.dtype))
+
+
+class PreActBlock(nn.Module):
+  """The pre-activation basic block: out = conv_2(relu(norm_2(conv_1(a)))) + shortcut, with
+  a = relu(norm_1(x)); the shortcut is x, or a 1x1 convolution of a when the stride or the
+  width changes."""
+  features: int
+  stride: int = 1
+  groups: int = 32
+
+  @nn.compact
+  def __call__(self, x):
+    a = nn.relu(group_norm(x.shape[-1], self.groups, "norm_1")(x))
+    shortcut = x
+    if self.stride != 1 or x.shape[-1] != self.features:
+      shortcut = resnet_conv(self.features, 1, self.stride, "shortcut")(a)
+    out = resnet_conv(self.features, 3, self.stride, "conv_1")(a)
+    out = nn.relu(group_norm(self.features, self.groups, "norm_2")(out))
+    return resnet_conv(self.features, 3, 1, "conv_2")(out) + shortcut
+
+
+class PreActResNet(nn.Module):
+  """The fastMRI knee encoder, images NHWC [B, H, W, C] -> features [B, P * P * widths[-1]].
+
+  As the reference's PreActResNet18 (divyam3897/I2M2: fastMRI/models/preactresnet_knee.py,
+  norm='group'): a 3x3 stride-1 convolution to widths[0]; stages of `blocks` PreActBlocks
+  (widths 64/128/256/512, [2, 2, 2, 2]; every stage but the first starts with stride 2);
+  no normalisation after the last block (the reference's final GroupNorm serves only its
+  shared_conv variant); adaptive average pooling to P x P (P = pooled_size = 10: 40x40 -> 10x10
+  for 320x320 inputs); flattened (in H, W, C order; PyTorch flattens C, H, W). Convolutions are
+  bias-free and Kaiming-normal (fan_out); GroupNorm has 32 groups, or one per channel for widths
+  below 32 (small test models). The input's channel count is free: 1 (magnitude or phase) or 2
+  (both, the joint expert). The reference's `drop_prob` is never used, so there is no dropout.
+  """
+  widths: Sequence[int] = (64, 128, 256, 512)
+  blocks: Sequence[int] = (2, 2, 2, 2)
+  pooled_size: int = 10
+  groups: int = 32
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    del train  # GroupNorm: the same computation in training and evaluation
+    if x.ndim != 4:
+      raise ValueError(f"PreActResNet expects images [B, H, W, C] (NHWC); got shape {x.shape}.")
+    if len(self.widths) != len(self.blocks):
+      raise ValueError(f"PreActResNet: widths {tuple(self.widths)} and blocks "
+                       f"{tuple(self.blocks)} must have one entry per stage.")
+    x = resnet_conv(self.widths[0], 3, 1, "stem")(x)
+    for stage, (width, count) in enumerate(zip(self.widths, self.blocks)):
+      for block in range(count):
+        stride = 2 if stage > 0 and block == 0 else 1
+        x = PreActBlock(width, stride, self.groups, name=f"stage_{stage}_block_{block}")(x)
+    x = adaptive_avg_pool(x, (self.pooled_size, self.pooled_size))
+    return x.reshape(x.shape[0], -1)
