@@ -39,6 +39,11 @@ def get_config():
   config.task.class_weights = ""
   config.task.loss = "vqa_bce"     # soft_label: vqa_bce (the official VQA recipe) | soft_ce
 
+  # Test metrics: multilabel tasks report the bootstrap std of the test AUROC over this many
+  # seeded resamples of the test split (0: none).
+  config.eval = ml_collections.ConfigDict()
+  config.eval.bootstrap_samples = 50
+
   config.optimizer = ml_collections.ConfigDict()
   config.optimizer.name = "adamw"  # adamw | sgd | rmsprop
   config.optimizer.learning_rate = 1e-3

@@ -27,8 +27,9 @@ Layout = Mapping[str, Sequence[str]]  # expert -> the input keys it reads (model
 
 
 def evaluate(eval_fn: Callable, state, source, dataset: Dataset, task: Task, batch_size: int,
-             mesh: Mesh) -> dict[str, Any]:
-  """The task's metrics over a whole split (`eval_fn(state, batch)`: a jitted eval step)."""
+             mesh: Mesh, reference: Mapping[str, Any] | None = None) -> dict[str, Any]:
+  """The task's metrics over a whole split (`eval_fn(state, batch)`: a jitted eval step);
+  `reference`: another split's metrics whose choices apply (Task.summarize)."""
   sums, ranked = None, []
   for local in input_pipeline.eval_batches(
       source, batch_size=batch_size // jax.process_count(), process_index=jax.process_index(),
@@ -42,7 +43,7 @@ def evaluate(eval_fn: Callable, state, source, dataset: Dataset, task: Task, bat
   if ranked:
     mask = np.concatenate([r["mask"] for r in ranked]).astype(bool)
     gathered = {k: np.concatenate([r[k] for r in ranked])[mask] for k in ranked[0] if k != "mask"}
-  return task.summarize(sums, gathered)
+  return task.summarize(sums, gathered, reference)
 
 
 def _only_experts(result: Any, used: Sequence[str]) -> Any:

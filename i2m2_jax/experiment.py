@@ -119,7 +119,8 @@ def build_experiment(config: ml_collections.ConfigDict, dataset: Dataset, *,
   of the training split (when config.data.standardize); or pass them (None: no
   standardisation)."""
   mesh = mesh or sharding.make_mesh()
-  task = tasks.build_task(config.get("task"), dataset)
+  task = tasks.build_task(config.get("task"), dataset,
+                          (config.get("eval") or {}).get("bootstrap_samples", 0))
   selection_metric = task.selection_metric(config.get("selection_metric", ""))
   layout = models.expert_layout(config.model, list(dataset.modalities))
   pmap_axis = sharding.PMAP_AXIS if config.get("parallel", "jit") == "pmap" else None

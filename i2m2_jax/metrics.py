@@ -164,3 +164,68 @@ def binary_auc_metrics(scores: Any, labels: Any) -> dict[str, float]:
     return {"auroc": math.nan, "auprc": math.nan}
   return {"auroc": float(sk_metrics.roc_auc_score(labels, scores)),
           "auprc": float(sk_metrics.average_precision_score(labels, scores))}
+
+
+# ---------------------------------------------------------------------------------------------
+# Operating points (the official fastMRI evaluation)
+
+MAX_FALSE_NEGATIVE_RATE = 0.1
+
+
+def operating_point(scores: Any, labels: Any,
+                    max_false_negative_rate: float = MAX_FALSE_NEGATIVE_RATE) -> float:
+  """The decision threshold of the official fastMRI evaluation (divyam3897/I2M2:
+  fastMRI/metrics/classification_metrics.py, get_operating_point): the first (highest) threshold
+  of scikit-learn's `roc_curve(labels, scores)` (default arguments, so collinear points are
+  dropped as there) whose false-negative rate 1 - TPR is below `max_false_negative_rate`. NaN
+  when the labels hold a single class.
+
+  The reference falls back to the first threshold with a false-positive rate above 0.25 when no
+  threshold qualifies; with both classes present that never happens (the curve ends at TPR 1),
+  so the fallback is not reproduced.
+  """
+  from sklearn import metrics as sk_metrics  # pylint: disable=g-import-not-at-top
+
+  scores, labels = np.asarray(scores, np.float64), np.asarray(labels).astype(np.int64)
+  if np.unique(labels).size < 2:
+    return math.nan
+  _, tpr, thresholds = sk_metrics.roc_curve(labels, scores)
+  return float(thresholds[np.flatnonzero(1.0 - tpr < max_false_negative_rate)[0]])
+
+
+def metrics_at_threshold(scores: Any, labels: Any, threshold: float) -> dict[str, float]:
+  """Sensitivity, specificity and balanced accuracy of the decisions `scores > threshold`
+  (strictly above, as the reference decides); NaN when the labels hold a single class or the
+  threshold is NaN."""
+  scores, labels = np.asarray(scores, np.float64), np.asarray(labels).astype(bool)
+  if math.isnan(threshold) or labels.all() or not labels.any():
+    return {"balanced_accuracy": math.nan, "sensitivity": math.nan, "specificity": math.nan}
+  predicted = scores > threshold
+  sensitivity = float(np.mean(predicted[labels]))
+  specificity = float(np.mean(~predicted[~labels]))
+  return {"balanced_accuracy": (sensitivity + specificity) / 2, "sensitivity": sensitivity,
+          "specificity": specificity}
+
+
+def bootstrap_auroc_std(scores: np.ndarray, labels: np.ndarray, samples: int,
+                        seed: int = 0) -> tuple[np.ndarray, float]:
+  """Bootstrap standard deviations (ddof 0, as the reference's np.std) of the AUROC of each
+  column of scores/labels [N, L] and of their mean over columns, from `samples` resamples of the
+  N rows with replacement (the same resamples for every column). A resample in which a column
+  holds a single class gives that column no AUROC (and the mean none); those are left out."""
+  from sklearn import metrics as sk_metrics  # pylint: disable=g-import-not-at-top
+
+  rng = np.random.default_rng(seed)
+  aurocs = np.full((samples, labels.shape[1]), math.nan)
+  for s in range(samples):
+    rows = rng.integers(0, len(labels), len(labels))
+    for l in range(labels.shape[1]):
+      if np.unique(labels[rows, l]).size == 2:
+        aurocs[s, l] = sk_metrics.roc_auc_score(labels[rows, l], scores[rows, l])
+
+  def std(values):
+    values = values[np.isfinite(values)]
+    return float(np.std(values)) if values.size > 1 else math.nan
+
+  return (np.array([std(aurocs[:, l]) for l in range(labels.shape[1])]),
+          std(aurocs.mean(axis=1)))

@@ -92,9 +92,11 @@ class Task:
     del outputs, batch
     return {}
 
-  def summarize(self, sums: Mapping[str, Any],
-                ranked: Mapping[str, np.ndarray] | None) -> dict[str, Any]:
-    """Metrics from the accumulated sums and the gathered ranking outputs (padding dropped)."""
+  def summarize(self, sums: Mapping[str, Any], ranked: Mapping[str, np.ndarray] | None,
+                reference: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Metrics from the accumulated sums and the gathered ranking outputs (padding dropped).
+    `reference`: the summary of another split whose choices this one applies (the test split is
+    summarised with validation's, e.g. the multilabel operating points)."""
     raise NotImplementedError
 
   # -- checkpoint selection ------------------------------------------------------------------
@@ -166,7 +168,8 @@ class MulticlassTask(Task):
       return {}
     return {"positive_prob": jnp.exp(outputs["log_probs"][:, 1]), "label": batch["label"]}
 
-  def summarize(self, sums, ranked):
+  def summarize(self, sums, ranked, reference=None):
+    del reference  # nothing is chosen on validation
     result = metrics.summarize(sums)
     if self.num_classes == 2:
       result.update(metrics.binary_auc_metrics(ranked["positive_prob"], ranked["label"]))
@@ -215,15 +218,25 @@ class MultilabelTask(Task):
   """L binary labels per example; each expert gives two logits per label and the product of
   experts is taken per label. Loss: the sum over labels of each label's cross-entropy (with
   class weights, each label's weighted mean as PyTorch's CrossEntropyLoss(weight=...)). Metrics
-  per label and averaged over labels: AUROC, AUPRC, accuracy, NLL; ECE over all decisions."""
+  per label and averaged over labels: AUROC, AUPRC, accuracy, NLL; ECE over all decisions.
+
+  At an operating point (the official fastMRI evaluation, `metrics.operating_point`), per label
+  and averaged: balanced accuracy, sensitivity and specificity of P(1) > threshold, each label's
+  threshold in `per_label.<label>.operating_point`. A split summarised on its own (validation)
+  chooses its thresholds; one summarised with a `reference` (the test split, with validation's
+  summary) applies the reference's, and adds `auroc_std` (per label, and of the mean AUROC): the
+  bootstrap standard deviation over `bootstrap_samples` resamples of its examples (seed 0, so
+  every model of a study is resampled alike; 0 resamples: none)."""
   name = "multilabel"
   target_keys = ("label",)
   main_metric = "auroc"
   default_selection_metric = "auroc"
   metric_directions = {"auroc": MAX, "auprc": MAX, "accuracy": MAX, "nll": MIN, "ece": MIN}
 
-  def __init__(self, label_names: Sequence[str], class_weights: np.ndarray | None = None):
+  def __init__(self, label_names: Sequence[str], class_weights: np.ndarray | None = None,
+               bootstrap_samples: int = 0):
     self.label_names = tuple(label_names)
+    self.bootstrap_samples = int(bootstrap_samples)
     if not self.label_names:
       raise ValueError("A multilabel task needs at least one label.")
     self.output_shape = (len(self.label_names), 2)
@@ -261,14 +274,17 @@ class MultilabelTask(Task):
       out[f"expert_prob/{name}"] = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)[..., 1]
     return out
 
-  def summarize(self, sums, ranked):
+  def summarize(self, sums, ranked, reference=None):
     sums = {k: metrics.to_host(v) for k, v in sums.items()}
     count = int(sums["count"])
-    labels = ranked["label"]
+    labels, probs = ranked["label"], ranked["positive_prob"]
     experts = [k[len(metrics.EXPERT_PREFIX):] for k in sums if k.startswith(metrics.EXPERT_PREFIX)]
     per_label = {}
     for i, label in enumerate(self.label_names):
-      row = metrics.binary_auc_metrics(ranked["positive_prob"][:, i], labels[:, i])
+      row = metrics.binary_auc_metrics(probs[:, i], labels[:, i])
+      row["operating_point"] = (reference["per_label"][label]["operating_point"] if reference
+                                else metrics.operating_point(probs[:, i], labels[:, i]))
+      row.update(metrics.metrics_at_threshold(probs[:, i], labels[:, i], row["operating_point"]))
       row["accuracy"] = metrics.ratio(sums["correct"][i], count)
       row["nll"] = metrics.ratio(sums["nll_sum"][i], count)
       row["experts"] = {e: metrics.binary_auc_metrics(ranked[f"expert_prob/{e}"][:, i],
@@ -279,14 +295,21 @@ class MultilabelTask(Task):
       values = [v for v in values if not math.isnan(v)]
       return float(np.mean(values)) if values else math.nan
 
-    return {
+    result = {
         "count": count,
-        **{m: mean(r[m] for r in per_label.values()) for m in ("auroc", "auprc", "accuracy")},
+        **{m: mean(r[m] for r in per_label.values()) for m in (
+            "auroc", "auprc", "accuracy", "balanced_accuracy", "sensitivity", "specificity")},
         "nll": metrics.ratio(np.sum(sums["nll_sum"]), count),  # summed over labels
         "ece": metrics.ece(sums),
         "experts": {e: mean(r["experts"][e] for r in per_label.values()) for e in experts},
         "per_label": per_label,
     }
+    if reference and self.bootstrap_samples > 0:
+      per_label_std, result["auroc_std"] = metrics.bootstrap_auroc_std(
+          probs, labels, self.bootstrap_samples)
+      for row, std in zip(per_label.values(), per_label_std):
+        row["auroc_std"] = float(std)
+    return result
 
 
 # ---------------------------------------------------------------------------------------------
@@ -374,8 +397,8 @@ class SoftLabelTask(Task):
       sums[f"expert_score/{name}"] = masked_sum(_score_of_prediction(logits, scores))
     return sums
 
-  def summarize(self, sums, ranked):
-    del ranked
+  def summarize(self, sums, ranked, reference=None):
+    del ranked, reference
     sums = {k: metrics.to_host(v) for k, v in sums.items()}
     count = int(sums["count"])
     return {
@@ -395,9 +418,10 @@ class SoftLabelTask(Task):
 TASKS = ("multiclass", "multilabel", "soft_label")
 
 
-def build_task(task_config, dataset) -> Task:
+def build_task(task_config, dataset, bootstrap_samples: int = 0) -> Task:
   """The task named by config.task.name ('' for the data set's default), checked against the
-  data set's targets (`Dataset.targets`: key -> per-example shape)."""
+  data set's targets (`Dataset.targets`: key -> per-example shape). `bootstrap_samples`
+  (config.eval.bootstrap_samples): the multilabel test AUROC's bootstrap resamples."""
   name = (task_config.get("name", "") if task_config else "") or dataset.task
   if name not in TASKS:
     raise ValueError(f"config.task.name={name!r} is unknown; expected one of {list(TASKS)} (or "
@@ -421,6 +445,7 @@ def build_task(task_config, dataset) -> Task:
     spec = get("class_weights", "")
     train_labels = (dataset.train_targets("label") if isinstance(spec, str)
                     and spec.strip() == "balanced" else None)
-    return MultilabelTask(label_names, parse_class_weights(spec, num_labels, train_labels))
+    return MultilabelTask(label_names, parse_class_weights(spec, num_labels, train_labels),
+                          bootstrap_samples)
   need("scores", 1, "a float 'scores' array per example (shape [N, C])")
   return SoftLabelTask(targets["scores"][0], get("loss", "vqa_bce"))

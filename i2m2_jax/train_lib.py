@@ -146,9 +146,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   if pmap:
     state = sharding.replicate_for_pmap(state)
 
-  def evaluate(state, split):
+  def evaluate(state, split, reference=None):
     return evaluation.evaluate(eval_fn, state, dataset.sources[split], dataset, task,
-                               config.eval_batch_size, mesh)
+                               config.eval_batch_size, mesh, reference)
 
   steps_per_epoch = max(len(dataset.sources["train"]) // config.batch_size, 1)
   eval_every = config.eval_every_steps if config.eval_every_steps > 0 else steps_per_epoch
@@ -214,6 +214,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   # Test metrics come from the checkpoint that was best on validation.
   best_step = ckpt.best_step() or ckpt.latest_step()
   best_state = ckpt.restore(best_step, host_state(state))
+  val = evaluate(best_state, "val")
   results = {
       "model": config.model.kind,
       "dataset": dataset.name,
@@ -225,8 +226,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       "stopped_early": stopped_early or (finished and start_step < total_steps),
       "seed": int(config.seed),
       "train_examples_per_s": log.examples_per_s(),
-      "val": evaluate(best_state, "val"),
-      "test": evaluate(best_state, "test"),
+      "val": val,
+      "test": evaluate(best_state, "test", reference=val),  # at val's choices (operating points)
   }
   if config.model.kind == "uni":
     results["modality"] = config.model.modality
