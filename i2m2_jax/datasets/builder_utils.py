@@ -72,6 +72,14 @@ def data_dir_from_config(data_config) -> str | None:
   return os.path.expanduser(data_dir) if data_dir else None
 
 
+def manual_dir(data_config, builder: tfds.core.DatasetBuilder) -> str:
+  """config.data.manual_dir, with "" meaning TFDS's <data_dir>/downloads/manual of `builder`."""
+  folder = data_config.get("manual_dir", "") or ""
+  if folder:
+    return os.path.expanduser(folder)
+  return os.path.join(os.fspath(builder.data_dir_root), "downloads", "manual")
+
+
 def prepare(builder_cls, config: KnobsConfig, data_dir: str | None, *,
             source_files: Sequence[str] = (), **builder_attrs) -> tfds.core.DatasetBuilder:
   """Builds `builder_cls(config)` into data_dir as array_record unless that build exists, and

@@ -201,13 +201,6 @@ class I2m2Mimic(tfds.core.GeneratorBasedBuilder):
 # Loader
 
 
-def _manual_dir(data_config, builder: I2m2Mimic) -> str:
-  manual_dir = data_config.get("manual_dir", "") or ""
-  if manual_dir:
-    return os.path.expanduser(manual_dir)
-  return os.path.join(os.fspath(builder.data_dir_root), "downloads", "manual")
-
-
 @register_dataset(NAME)
 def load_mimic(data_config) -> Dataset:
   """Reads config.data.{data_dir, manual_dir, task, normalize_with_all_splits}; builds on first
@@ -218,7 +211,7 @@ def load_mimic(data_config) -> Dataset:
   builder = I2m2Mimic(config=config, data_dir=data_dir, file_format="array_record")
   info = os.path.join(os.fspath(builder.data_path), "dataset_info.json")
   if not (os.path.isfile(info) and builder.is_prepared()):
-    root = _manual_dir(data_config, builder)
+    root = builder_utils.manual_dir(data_config, builder)
     path = os.path.join(root, FILE_NAME)
     if not os.path.isfile(path):
       load_pickle(path)  # raises the FileNotFoundError that names the file and its format
@@ -226,4 +219,5 @@ def load_mimic(data_config) -> Dataset:
                                     root_dir=root)
   return Dataset(name=NAME, modalities=dict(MODALITY_SHAPES), num_classes=TASKS[task][1],
                  sources=builder_utils.split_sources(builder),
-                 provenance=builder_utils.provenance(builder, _manual_dir(data_config, builder)))
+                 provenance=builder_utils.provenance(
+                     builder, builder_utils.manual_dir(data_config, builder)))
