@@ -4,6 +4,8 @@ r"""Reproduces a paper benchmark end to end: every stage of its recipe for sever
       --config.data.manual_dir=/path/to/avmnist
   python experiments/reproduce.py --config configs/mimic.py:icd9_140_239 --workdir runs/icd9_1 \
       --seeds 3 --config.data.manual_dir=/path/to/folder_with_im.pk
+  python experiments/reproduce.py --config configs/fastmri.py --workdir runs/fastmri --seeds 5 \
+      --config.data.manual_dir=/path/to/knee [--variant=staged]
 
 The benchmark's recipe (experiments/recipes/<data set>.py, found by config.data.name) names the
 stages, which experts each initialises from which other stage, the table's rows and columns and
@@ -12,7 +14,9 @@ Every stage trains for every seed s (config.seed, +1, ...) in DIR/<stage>/seed_<
 config.seed = s (i2m2_jax/studies.py), a staged one after the stages it loads, with
 config.model.init_from pointing at their best checkpoints *of the same seed* (AV-MNIST: intra
 from uni_image + uni_audio; i2m2 from those two + inter_lf, or inter_lrtf with --fusion=lrtf;
---fusion=both runs both I2M2 variants, rows i2m2 and i2m2_lrtf). A stage whose
+--fusion=both runs both I2M2 variants, rows i2m2 and i2m2_lrtf; fastMRI: intra and i2m2 from
+scratch, or with --variant=staged (--variant is --fusion's other name) intra_staged and
+i2m2_staged from the magnitude, phase and joint stages). A stage whose
 DIR/<stage>/seed_<s>/results.json exists is read back, not trained (its checkpoints exist); an
 unfinished one resumes from its own latest checkpoint. The data set is loaded once and shared.
 
@@ -23,9 +27,10 @@ stages) is skipped for that stage. config.model.init_from is set here, per stage
 
 Writes DIR/table.md, DIR/table.csv and DIR/table.png and prints the table: one row per model
 (the recipe's rows), the recipe's test metrics (accuracy and ECE; AUROC and AUPRC too for the
-MIMIC ICD-9 tasks) as mean ± std over seeds (std with ddof=1), the published I2M2 number beside
-ours where known (a third-party extraction of Madaan et al., NeurIPS 2024, arXiv 2405.17613, not
-verified), and the accuracy of each expert inside the product models (intra, i2m2).
+MIMIC ICD-9 tasks; AUROC per label, their mean and the operating-point metrics for fastMRI) as
+mean ± std over seeds (std with ddof=1), the published I2M2 number beside ours where known (a
+third-party extraction of Madaan et al., NeurIPS 2024, arXiv 2405.17613, not verified), and the
+score of each expert inside the product models (intra, i2m2).
 """
 from __future__ import annotations
 
@@ -134,11 +139,10 @@ def table(recipe: recipes.Recipe, runs: studies.Runs, config, seeds: int) -> stu
       f"Test metrics of the checkpoint with the best validation {config.selection_metric}, in "
       f"percent. Rows: uni-modal experts alone (uni_*), their product (intra), the joint models "
       f"(inter*), and I2M2 (product of the uni-modal experts and the joint one). "
-      f"test/experts/* are the accuracies of the experts inside the product models. "
+      f"test/experts/* are the scores of the experts inside the product models (accuracy; mean "
+      f"AUROC over the labels of multilabel tasks). "
       f"The published column is a third-party extraction of the paper (Madaan et al., NeurIPS "
-      f"2024, arXiv 2405.17613), not verified. Deviations from the reference code "
-      f"(divyam3897/I2M2: avmnist_and_mimic/): BatchNorm in eval mode at test, trained LRTF "
-      f"factors, intra tested as a product (README: Where we differ from the official code).")
+      f"2024, arXiv 2405.17613), not verified. {recipe.notes}").rstrip()
   return studies.Table(
       name="table", title=title, intro=intro, metrics=[*recipe.metrics, *experts],
       chart_metric=recipe.chart_metric, rows=recipe.rows,
@@ -147,7 +151,7 @@ def table(recipe: recipes.Recipe, runs: studies.Runs, config, seeds: int) -> stu
 
 
 def reproduce(config_filename: str, overrides: Mapping[str, Any], workdir: str, seeds: int,
-              fusion: str = "lf") -> str:
+              fusion: str = "") -> str:
   """Runs every stage and writes the table; returns the Markdown table."""
   overrides = stage_overrides(overrides)
   path, tokens = split_config_argument(config_filename)
@@ -170,9 +174,12 @@ def define_flags():
       "configs/mimic.py:mortality.", lock_config=False)
   flags.DEFINE_string("workdir", None, "Output folder: DIR/<stage>/seed_<s>, DIR/table.*")
   flags.DEFINE_integer("seeds", 3, "Number of seeds (config.seed, config.seed + 1, ...).")
-  flags.DEFINE_enum("fusion", "lf", ["lf", "lrtf", "both"],
-                    "AV-MNIST: the I2M2 joint expert comes from inter_lf (lf) or inter_lrtf "
-                    "(lrtf), or both I2M2 variants run (both).")
+  flags.DEFINE_string("fusion", "",
+                      "The recipe's variant ('' its first). AV-MNIST: the I2M2 joint expert comes "
+                      "from inter_lf (lf), from inter_lrtf (lrtf), or both I2M2 variants run "
+                      "(both). fastMRI: intra and I2M2 start from scratch (scratch), from the "
+                      "experts' stages (staged), or both.")
+  flags.DEFINE_alias("variant", "fusion")
   flags.mark_flags_as_required(["config", "workdir"])
 
 

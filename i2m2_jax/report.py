@@ -38,8 +38,12 @@ def summarize_runs(runs: Runs, metrics: Sequence[str]) -> list[dict[str, Any]]:
   return rows
 
 
+PERCENT_METRICS = ("accuracy", "ece", "auroc", "auprc", "auroc_std", "balanced_accuracy",
+                   "sensitivity", "specificity")
+
+
 def _percent(metric: str) -> bool:
-  return metric.split("/")[-1] in ("accuracy", "ece", "auroc", "auprc") or "/experts/" in metric
+  return metric.split("/")[-1] in PERCENT_METRICS or "/experts/" in metric
 
 
 def format_cell(metric: str, mean: float, std: float) -> str:

@@ -28,14 +28,22 @@ class Recipe:
   metrics: Sequence[str]
   chart_metric: str                     # one of metrics, for DIR/table.png
   published: Mapping[str, str]          # row -> the paper's number, as the table shows it
+  notes: str = ""                       # Markdown after the table's generic introduction
 
   def stages_for(self, fusion: str) -> list[str]:
+    """The stages of a variant (reproduce.py's --fusion, alias --variant); '' the first."""
+    fusion = fusion or next(iter(self.fusions))
     if fusion not in self.fusions:
       raise ValueError(f"--fusion={fusion!r}: this benchmark has {list(self.fusions)}.")
     return list(self.fusions[fusion])
 
 
-BENCHMARKS = ("avmnist", "mimic")  # data set names, each a module here
+BENCHMARKS = ("avmnist", "mimic", "fastmri")  # data set names, each a module here
+# The table's note on the MultiBench benchmarks (AV-MNIST, MIMIC-III).
+MULTIBENCH_DEVIATIONS = (
+    "Deviations from the reference code (divyam3897/I2M2: avmnist_and_mimic/): BatchNorm in eval "
+    "mode at test, trained LRTF factors, intra tested as a product (README: Where we differ from "
+    "the official code).")
 
 
 def for_config(config) -> Recipe:

@@ -1,7 +1,7 @@
 """AV-MNIST (configs/avmnist.py): the official staged recipe (divyam3897/I2M2:
 avmnist_and_mimic/avmnist_main.py). The uni-modal experts and the joint models train alone;
 intra and I2M2 start from their best checkpoints of the same seed and are fine-tuned."""
-from experiments.recipes import Recipe
+from experiments.recipes import MULTIBENCH_DEVIATIONS, Recipe
 
 # stage -> {expert: stage whose best checkpoint initialises it}
 STAGES = {
@@ -28,4 +28,5 @@ def recipe(config) -> Recipe:
       stages=STAGES, fusions=FUSIONS,
       rows=("uni_image", "uni_audio", "intra", "inter_lf", "inter_lrtf", "i2m2", "i2m2_lrtf"),
       metrics=("test/accuracy", "test/ece"), chart_metric="test/accuracy",
-      published={"i2m2": PUBLISHED_I2M2, "i2m2_lrtf": PUBLISHED_I2M2})
+      published={"i2m2": PUBLISHED_I2M2, "i2m2_lrtf": PUBLISHED_I2M2},
+      notes=MULTIBENCH_DEVIATIONS)

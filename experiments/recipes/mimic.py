@@ -1,6 +1,6 @@
 """MIMIC-III (configs/mimic.py:<task>): every model from scratch, as the official
 divyam3897/I2M2: avmnist_and_mimic/mimic_main.py trains them."""
-from experiments.recipes import Recipe
+from experiments.recipes import MULTIBENCH_DEVIATIONS, Recipe
 
 STAGES = {"uni_static": {}, "uni_timeseries": {}, "intra": {}, "inter": {}, "i2m2": {}}
 # The ICD-9 tasks are binary and their models are selected by validation AUPRC (configs/mimic.py),
@@ -21,4 +21,4 @@ def recipe(config) -> Recipe:
   return Recipe(
       stages=STAGES, fusions={"lf": list(STAGES)},  # only the late-fusion joint expert
       rows=tuple(STAGES), metrics=METRICS[task], chart_metric="test/accuracy",
-      published={"i2m2": published} if published else {})
+      published={"i2m2": published} if published else {}, notes=MULTIBENCH_DEVIATIONS)
