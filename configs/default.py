@@ -29,6 +29,8 @@ def get_config():
   config.parallel = "jit"          # 'jit' (Mesh + NamedSharding) or 'pmap'
   # results.json: test metrics with each modality missing (product of the experts not reading it)
   config.eval_missing_modalities = True
+  # results.json: which expert decides the product's test predictions (i2m2, intra)
+  config.eval_attribution = True
 
   # What is predicted (i2m2_jax/tasks.py): '' for the data set's default, or multiclass |
   # multilabel | soft_label.

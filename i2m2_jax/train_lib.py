@@ -101,10 +101,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                        dataset: Dataset | None = None) -> dict[str, Any]:
   """Trains config.model.kind on config.data, keeps the best checkpoint on validation
   (config.selection_metric, in the task's direction) and writes `workdir/results.json`: val and
-  test metrics of that checkpoint, and test metrics with each modality missing. Resumes from the
-  latest complete checkpoint (module docstring). `dataset` replaces load_dataset(config.data).
-  Raises NonFiniteError, Preempted (after SIGTERM, once saved), and ValueError for config or data
-  errors before anything is written."""
+  test metrics of that checkpoint, test metrics with each modality missing and, for a product of
+  experts, which expert decides (`attribution`). Resumes from the latest complete checkpoint
+  (module docstring). `dataset` replaces load_dataset(config.data). Raises NonFiniteError,
+  Preempted (after SIGTERM, once saved), and ValueError for config or data errors before
+  anything is written."""
   validate_config(config)
   is_main = jax.process_index() == 0
   dataset = keep_in_memory(dataset or _load_dataset_in_turn(config.data),
@@ -238,6 +239,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     for m, r in results["missing_modality"].items():
       if "unavailable" not in r:
         scalars.update(_flat_metrics(f"test_without_{m}", r))
+  if config.get("eval_attribution", True) and len(exp.layout) > 1:  # a product of experts
+    results["attribution"] = evaluation.evaluate_attribution(
+        best_state, dataset.sources["test"], dataset, task, config.eval_batch_size, mesh,
+        preprocess=exp.preprocess)
   writer.write_scalars(int(step), scalars)  # at the last step: one record per step
   writer.close()
   ckpt.close()
