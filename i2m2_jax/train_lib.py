@@ -47,6 +47,7 @@ import numpy as np
 
 from i2m2_jax import checkpointing
 from i2m2_jax import evaluation
+from i2m2_jax import inference
 from i2m2_jax import input_pipeline
 from i2m2_jax import metrics
 from i2m2_jax import models
@@ -102,10 +103,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   """Trains config.model.kind on config.data, keeps the best checkpoint on validation
   (config.selection_metric, in the task's direction) and writes `workdir/results.json`: val and
   test metrics of that checkpoint, test metrics with each modality missing and, for a product of
-  experts, which expert decides (`attribution`). Resumes from the latest complete checkpoint
-  (module docstring). `dataset` replaces load_dataset(config.data). Raises NonFiniteError,
-  Preempted (after SIGTERM, once saved), and ValueError for config or data errors before
-  anything is written."""
+  experts, which expert decides (`attribution`). Before training it writes what
+  `inference.load_run` needs besides the checkpoints (run_spec.json, preprocess.npz). Resumes
+  from the latest complete checkpoint (module docstring). `dataset` replaces
+  load_dataset(config.data). Raises NonFiniteError, Preempted (after SIGTERM, once saved), and
+  ValueError for config or data errors before anything is written."""
   validate_config(config)
   is_main = jax.process_index() == 0
   dataset = keep_in_memory(dataset or _load_dataset_in_turn(config.data),
@@ -133,6 +135,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   writer = writers.MetricWriter(workdir, enabled=is_main, resume_step=start_step)
   _record_start(config, workdir, start_step, meta, writer, exp.schedule,
                 len(dataset.sources["train"]), is_main)
+  if is_main:  # what inference.load_run needs besides the checkpoints (config: in their meta)
+    inference.save_run_spec(workdir, dataset, task, exp.stats)
 
   pmap = config.parallel == "pmap"
   train_fn = (steps.pmapped_train_step(task, exp.preprocess) if pmap
