@@ -25,7 +25,11 @@ Writes DIR/table.md, DIR/table.csv and DIR/table.png and prints the table: one r
 (the recipe's rows), the recipe's test metrics (accuracy and ECE; AUROC and AUPRC too for the
 MIMIC ICD-9 tasks) as mean ± std over seeds (std with ddof=1), the published I2M2 number beside
 ours where known (a third-party extraction of Madaan et al., NeurIPS 2024, arXiv 2405.17613, not
-verified), and the accuracy of each expert inside the product models (intra, i2m2).
+verified), and the accuracy of each expert inside the product models (intra, i2m2); and
+DIR/missing_modality.md, each stage's test metric with each modality missing. With --robustness
+every stage is also evaluated with each modality corrupted at noise levels 0.0 .. 1.0
+(i2m2_jax/robustness.py; the effective robustness is against the late-fusion stage, inter_lf or
+inter): DIR/robustness.md and DIR/robustness.png.
 """
 from __future__ import annotations
 
@@ -117,17 +121,13 @@ def study_runs(module, recipe: recipes.Recipe, tokens: Sequence[str],
 # The table
 
 
-def _uni_first(expert: str) -> tuple[bool, str]:
-  return expert == "joint", expert
-
-
 def table(recipe: recipes.Recipe, runs: studies.Runs, config, seeds: int) -> studies.Table:
   """The recipe's metrics, then the experts inside the product models (shown for those rows
   only: for the others the single expert is the model itself)."""
   products = [label for label, results in runs.items()
               if any(r.get("model") in PRODUCT_KINDS for r in results)]
   experts = [f"test/experts/{e}"
-             for e in sorted(studies.experts_in(runs, products), key=_uni_first)]
+             for e in sorted(studies.experts_in(runs, products), key=studies.uni_first)]
   task = config.data.get("task", "")
   title = f"{config.data.name}{f' ({task})' if task else ''}: mean ± std over {seeds} seed(s)"
   intro = (
@@ -147,8 +147,9 @@ def table(recipe: recipes.Recipe, runs: studies.Runs, config, seeds: int) -> stu
 
 
 def reproduce(config_filename: str, overrides: Mapping[str, Any], workdir: str, seeds: int,
-              fusion: str = "lf") -> str:
-  """Runs every stage and writes the table; returns the Markdown table."""
+              fusion: str = "lf", *, robustness: bool = False, robustness_kinds: str = "") -> str:
+  """Runs every stage and writes the table and DIR/missing_modality.md (with `robustness`,
+  DIR/robustness.md and .png too); returns the Markdown table."""
   overrides = stage_overrides(overrides)
   path, tokens = split_config_argument(config_filename)
   module = load_config_module(path)
@@ -156,9 +157,12 @@ def reproduce(config_filename: str, overrides: Mapping[str, Any], workdir: str, 
   recipe = recipes.for_config(config)
   os.makedirs(workdir, exist_ok=True)
   dataset = load_dataset(config.data)
-  runs = studies.run_study(study_runs(module, recipe, tokens, overrides, fusion), workdir,
-                           range(config.seed, config.seed + seeds), dataset)
+  study = study_runs(module, recipe, tokens, overrides, fusion)
+  seed_list = range(config.seed, config.seed + seeds)
+  runs = studies.run_study(study, workdir, seed_list, dataset)
   _, markdown = studies.write_table(workdir, table(recipe, runs, config, seeds), runs)
+  studies.write_modality_reports(workdir, study, runs, seed_list, dataset, robustness=robustness,
+                                 kinds=robustness_kinds)
   return markdown
 
 
@@ -173,6 +177,10 @@ def define_flags():
   flags.DEFINE_enum("fusion", "lf", ["lf", "lrtf", "both"],
                     "AV-MNIST: the I2M2 joint expert comes from inter_lf (lf) or inter_lrtf "
                     "(lrtf), or both I2M2 variants run (both).")
+  flags.DEFINE_bool("robustness", False, "Also evaluate every stage with each modality "
+                    "corrupted at noise levels 0.0 .. 1.0: DIR/robustness.md and .png.")
+  flags.DEFINE_string("robustness_kinds", "", "modality=kind,... overriding the corruption "
+                      "chosen by rank (gaussian, salt_pepper, time_drop, feature_drop).")
   flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -182,9 +190,11 @@ def main(argv):
   FLAGS = flags.FLAGS  # pylint: disable=invalid-name
   table_text = reproduce(config_flags.get_config_filename(FLAGS["config"]),
                          config_flags.get_override_values(FLAGS["config"]), FLAGS.workdir,
-                         FLAGS.seeds, FLAGS.fusion)
+                         FLAGS.seeds, FLAGS.fusion, robustness=FLAGS.robustness,
+                         robustness_kinds=FLAGS.robustness_kinds)
   print(table_text)
-  print(f"Written: {os.path.join(FLAGS.workdir, 'table.md')}, table.csv, table.png")
+  print(f"Written: {os.path.join(FLAGS.workdir, 'table.md')}, table.csv, table.png, "
+        f"missing_modality.md{', robustness.md, robustness.png' if FLAGS.robustness else ''}")
 
 
 if __name__ == "__main__":
