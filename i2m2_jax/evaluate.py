@@ -28,38 +28,45 @@ from i2m2_jax import robustness
 from i2m2_jax import writers
 from i2m2_jax.datasets import load_dataset
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "The data set's config file.",
-                                          lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "The run's folder.")
-_OUT = flags.DEFINE_string("out", None, "Where results.json (and robustness.json) go.")
-_STEP = flags.DEFINE_integer("step", None, "The checkpoint to evaluate (default: the best).")
-_SPLITS = flags.DEFINE_list("splits", ["val", "test"], "The splits whose metrics to report.")
-_ROBUSTNESS = flags.DEFINE_bool("robustness", False, "Also the noise curves of every modality.")
-_KINDS = flags.DEFINE_string("robustness_kinds", "",
-                             "modality=kind,... overriding the corruption chosen by rank.")
-flags.mark_flags_as_required(["config", "workdir", "out"])
+
+def define_flags():
+  """The command-line flags (defined only when run as a script, so that importing this module
+  leaves absl's global flags alone: i2m2_jax.main defines some of the same names)."""
+  config_flags.DEFINE_config_file("config", None, "The data set's config file.",
+                                  lock_config=True)
+  flags.DEFINE_string("workdir", None, "The run's folder.")
+  flags.DEFINE_string("out", None, "Where results.json (and robustness.json) go.")
+  flags.DEFINE_integer("step", None, "The checkpoint to evaluate (default: the best).")
+  flags.DEFINE_list("splits", ["val", "test"], "The splits whose metrics to report.")
+  flags.DEFINE_bool("robustness", False, "Also the noise curves of every modality.")
+  flags.DEFINE_string("robustness_kinds", "",
+                      "modality=kind,... overriding the corruption chosen by rank.")
+  flags.mark_flags_as_required(["config", "workdir", "out"])
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   writers.quiet_library_logs()
-  predictor = inference.load_run(_WORKDIR.value, _STEP.value)
-  dataset = load_dataset(_CONFIG.value.data)
-  results = {"workdir": os.path.abspath(_WORKDIR.value), "step": predictor.step,
+  FLAGS = flags.FLAGS  # pylint: disable=invalid-name
+  predictor = inference.load_run(FLAGS.workdir, FLAGS.step)
+  dataset = load_dataset(FLAGS.config.data)
+  results = {"workdir": os.path.abspath(FLAGS.workdir), "step": predictor.step,
              "model": predictor.config.model.kind, "dataset": dataset.name,
              "task": predictor.task.name, "data": dict(dataset.provenance),
-             **inference.evaluate_dataset(predictor, dataset, _SPLITS.value)}
-  os.makedirs(_OUT.value, exist_ok=True)
-  with open(os.path.join(_OUT.value, "results.json"), "w") as f:
+             **inference.evaluate_dataset(predictor, dataset, FLAGS.splits)}
+  os.makedirs(FLAGS.out, exist_ok=True)
+  with open(os.path.join(FLAGS.out, "results.json"), "w") as f:
     json.dump(checkpointing.to_json(results), f, indent=2)
-  print(f"Written: {os.path.join(_OUT.value, 'results.json')}")
-  if _ROBUSTNESS.value:
-    curves = robustness.evaluate_robustness(predictor, dataset.sources["test"], kinds=_KINDS.value)
-    with open(os.path.join(_OUT.value, "robustness.json"), "w") as f:
+  print(f"Written: {os.path.join(FLAGS.out, 'results.json')}")
+  if FLAGS.robustness:
+    curves = robustness.evaluate_robustness(predictor, dataset.sources["test"],
+                                            kinds=FLAGS.robustness_kinds)
+    with open(os.path.join(FLAGS.out, "robustness.json"), "w") as f:
       json.dump(curves, f, indent=2)
-    print(f"Written: {os.path.join(_OUT.value, 'robustness.json')}")
+    print(f"Written: {os.path.join(FLAGS.out, 'robustness.json')}")
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)
