@@ -28,8 +28,9 @@ ours where known (a third-party extraction of Madaan et al., NeurIPS 2024, arXiv
 verified), and the accuracy of each expert inside the product models (intra, i2m2); and
 DIR/missing_modality.md, each stage's test metric with each modality missing. With --robustness
 every stage is also evaluated with each modality corrupted at noise levels 0.0 .. 1.0
-(i2m2_jax/robustness.py; the effective robustness is against the late-fusion stage, inter_lf or
-inter): DIR/robustness.md and DIR/robustness.png.
+(i2m2_jax/robustness.py; the corruption by rank, except where the recipe says otherwise, as
+MIMIC's tabular static features' feature_drop, or --robustness_kinds; the effective robustness
+is against the late-fusion stage, inter_lf or inter): DIR/robustness.md and DIR/robustness.png.
 """
 from __future__ import annotations
 
@@ -161,8 +162,9 @@ def reproduce(config_filename: str, overrides: Mapping[str, Any], workdir: str, 
   seed_list = range(config.seed, config.seed + seeds)
   runs = studies.run_study(study, workdir, seed_list, dataset)
   _, markdown = studies.write_table(workdir, table(recipe, runs, config, seeds), runs)
+  kinds = ",".join(k for k in (recipe.robustness_kinds, robustness_kinds) if k)  # later wins
   studies.write_modality_reports(workdir, study, runs, seed_list, dataset, robustness=robustness,
-                                 kinds=robustness_kinds)
+                                 kinds=kinds)
   return markdown
 
 

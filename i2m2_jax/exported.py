@@ -30,11 +30,10 @@ class ExportedPredictor:
   def __init__(self, exported: export.Exported, name: str = "the exported predictor"):
     self.exported = exported
     self.name = name
-    (inputs, present), _ = exported.in_tree.unflatten(exported.in_avals)
+    (inputs, _), _ = exported.in_tree.unflatten(exported.in_avals)
     self.modalities = {m: (tuple(a.shape[1:]), np.dtype(a.dtype)) for m, a in inputs.items()}
     outputs = exported.out_tree.unflatten(exported.out_avals)
     self.experts = list(outputs["expert_probs"])
-    assert present.shape[1] == len(self.experts)
 
   def __call__(self, inputs: Mapping[str, Any], present: Any = None) -> dict[str, Any]:
     platform = export.default_export_platform()

@@ -28,6 +28,9 @@ class Recipe:
   metrics: Sequence[str]
   chart_metric: str                     # one of metrics, for DIR/table.png
   published: Mapping[str, str]          # row -> the paper's number, as the table shows it
+  # --robustness: corruptions other than the defaults by rank ('modality=kind,...'), before
+  # those of --robustness_kinds
+  robustness_kinds: str = ""
 
   def stages_for(self, fusion: str) -> list[str]:
     if fusion not in self.fusions:
