@@ -44,6 +44,9 @@ ENCODERS: dict[str, Callable[..., nn.Module]] = {
 
 # The default encoder for a modality by the rank of one example: vector, sequence, image.
 DEFAULT_ENCODER_BY_RANK = {1: "mlp", 2: "gru", 3: "cnn"}
+# The per-example ranks an encoder reads (those not listed flatten any shape).
+ENCODER_RANKS = {"gru": (2,), "conv1d": (2,), "gru_linear": (2,), "gru_all_states": (2,),
+                 "cnn": (3,), "lenet": (3,)}
 
 # name -> joint-expert class, built as cls(encoders=((key, encoder), ...), head=...,
 # dropout_rate=..., **config.model.fusion_kwargs).
@@ -164,6 +167,11 @@ def _encoder_for(key: str, shape: Sequence[int], model_config, joint: bool,
   if name not in ENCODERS:
     raise ValueError(f"config.model.encoders: {key}={name!r} is unknown; expected one of "
                      f"{sorted(ENCODERS)}.")
+  if len(shape) not in ENCODER_RANKS.get(name, (len(shape),)):
+    fits = sorted(n for n in ENCODERS if len(shape) in ENCODER_RANKS.get(n, (len(shape),)))
+    raise ValueError(f"config.model.encoders: {key}={name!r} reads examples of rank "
+                     f"{ENCODER_RANKS[name]}, but input {key!r} has per-example shape "
+                     f"{tuple(shape)}; encoders for it: {fits} (mlp flattens any shape).")
   kwargs = config_mapping(model_config.get("encoder_kwargs"), "config.model.encoder_kwargs").get(key)
   if joint:
     kwargs = config_mapping(model_config.get("joint_encoder_kwargs"),
@@ -186,11 +194,7 @@ def build_expert(name: str, keys: Sequence[str], modality_shapes: Mapping[str, S
   encoders = tuple((k, _encoder_for(k, modality_shapes[k], model_config, joint, batch_axis_name))
                    for k in keys)
   if joint:
-    fusion = model_config.get("fusion", "late_fusion")
-    if fusion not in FUSIONS:
-      raise ValueError(f"config.model.fusion={fusion!r} is unknown; expected one of "
-                       f"{sorted(FUSIONS)}.")
-    return FUSIONS[fusion](encoders=encoders, head=head, dropout_rate=dropout,
+    return FUSIONS[model_config.get("fusion", "late_fusion")](encoders=encoders, head=head, dropout_rate=dropout,
                            **config_mapping(model_config.get("fusion_kwargs"),
                                            "config.model.fusion_kwargs"))
   if len(encoders) == 1:
@@ -213,6 +217,10 @@ def build_model(model_config, modality_shapes: Mapping[str, Sequence[int]],
     raise ValueError("The data set has no modality.")
   output_shape = (output_shape,) if isinstance(output_shape, int) else tuple(output_shape)
   check_named_inputs(model_config, list(modality_shapes))
+  fusion = model_config.get("fusion", "late_fusion")
+  if fusion not in FUSIONS:  # checked even when the kind has no joint expert
+    raise ValueError(f"config.model.fusion={fusion!r} is unknown; expected one of "
+                     f"{sorted(FUSIONS)}.")
   layout = expert_layout(model_config, list(modality_shapes))
   implementation = model_config.get("implementation", "plain") or "plain"
   if implementation not in IMPLEMENTATIONS:

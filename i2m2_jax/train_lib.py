@@ -94,7 +94,10 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
                        f"({jax.device_count()}).")
   if config.keep_checkpoints < 1:
     raise ValueError(f"config.keep_checkpoints={config.keep_checkpoints} must be >= 1.")
-  checkpointing.parse_init_from(config.model.get("init_from", ""))  # raises on a bad entry
+  for expert, run in checkpointing.parse_init_from(config.model.get("init_from", "")).items():
+    if not os.path.isdir(checkpointing.checkpoint_dir(run)):
+      raise ValueError(f"config.model.init_from: {expert}={run} has no checkpoints (no folder "
+                       f"{checkpointing.checkpoint_dir(run)}); expected a finished run's workdir.")
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
