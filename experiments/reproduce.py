@@ -134,11 +134,9 @@ def table(recipe: recipes.Recipe, runs: studies.Runs, config, seeds: int) -> stu
       f"Test metrics of the checkpoint with the best validation {config.selection_metric}, in "
       f"percent. Rows: uni-modal experts alone (uni_*), their product (intra), the joint models "
       f"(inter*), and I2M2 (product of the uni-modal experts and the joint one). "
-      f"test/experts/* are the accuracies of the experts inside the product models. "
-      f"The published column is a third-party extraction of the paper (Madaan et al., NeurIPS "
-      f"2024, arXiv 2405.17613), not verified. Deviations from the reference code "
-      f"(divyam3897/I2M2: avmnist_and_mimic/): BatchNorm in eval mode at test, trained LRTF "
-      f"factors, intra tested as a product (README: Where we differ from the official code).")
+      f"test/experts/* are the scores of the experts inside the product models, each by the "
+      f"task's main metric. The published column is a third-party extraction of the paper "
+      f"(Madaan et al., NeurIPS 2024, arXiv 2405.17613), not verified. {recipe.notes}")
   return studies.Table(
       name="table", title=title, intro=intro, metrics=[*recipe.metrics, *experts],
       chart_metric=recipe.chart_metric, rows=recipe.rows,

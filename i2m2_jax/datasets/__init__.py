@@ -113,4 +113,4 @@ def keep_in_memory(dataset: Dataset, max_gb: float) -> Dataset:
 
 def _import_builtin_datasets():
   # Imported lazily so that `import i2m2_jax` stays light and free of TFDS.
-  from i2m2_jax.datasets import avmnist, digits, mimic, npz, synthetic  # noqa: F401  pylint: disable=g-import-not-at-top
+  from i2m2_jax.datasets import avmnist, digits, mimic, nlvr2, npz, synthetic, vqa_vs  # noqa: F401  pylint: disable=g-import-not-at-top
