@@ -6,17 +6,18 @@ out-of-distribution test sets and their mean, per-expert scores, the paper's I2M
   python experiments/reproduce.py --config configs/vqa_vs.py --workdir runs/vqa_vs --seeds 3 \
       --config.data.manual_dir=/data/vqa_vs
 
-where /data/vqa_vs holds the VQA-VS release (Training/Training-Ques.json, Training/Training-Ans.json,
-Val/..., IID-Test/..., OOD-Test/<split>/OOD-Test-<split>-Ques.json) and the features of each split
-in features/Training, features/Val, features/IID-Test (folders of question_id.npy, image.npy,
-text.npy, fused.npy, as experiments/extract_features.py writes them, or .npz files of the same
-name; the data set's docstring has every field). One stage on its own:
+where /data/vqa_vs holds the VQA-VS release (Training/Training-Ques.json,
+Training/Training-Ans.json, Val/..., IID-Test/..., OOD-Test/<split>/OOD-Test-<split>-Ques.json)
+and the features of each split in features/Training, features/Val, features/IID-Test (folders of
+question_id.npy, image.npy, text.npy, fused.npy, as experiments/extract_features.py writes them,
+or .npz files of the same name; the data set's docstring has every field). One stage alone:
 
   python -m i2m2_jax.main --config configs/vqa_vs.py:uni_text --workdir runs/vqa_vs/uni_text \
       --config.data.manual_dir=/data/vqa_vs
-  python -m i2m2_jax.main --config configs/vqa_vs.py:i2m2 --workdir runs/vqa_vs/i2m2 \
-      --config.data.manual_dir=/data/vqa_vs --config.model.init_from=uni_image=runs/vqa_vs/\
-uni_image,uni_text=runs/vqa_vs/uni_text,joint=runs/vqa_vs/inter
+  R=runs/vqa_vs
+  python -m i2m2_jax.main --config configs/vqa_vs.py:i2m2 --workdir $R/i2m2 \
+      --config.data.manual_dir=/data/vqa_vs \
+      --config.model.init_from=uni_image=$R/uni_image,uni_text=$R/uni_text,joint=$R/inter
   python experiments/reproduce.py --config configs/vqa_vs.py:smoke --workdir /tmp/vqa_smoke \
       --seeds 1 --config.data.manual_dir=...   # a few steps per stage (a plumbing check)
 

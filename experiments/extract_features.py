@@ -3,10 +3,11 @@ files the `vqa_vs` and `nlvr2` data sets read (i2m2_jax/datasets/features.py: a 
 <key>.npy files).
 
   # VQA-VS / VQA v2: one file per split; COCO images by image_id (the first template that exists)
+  TRAIN='/coco/train2014/COCO_train2014_{image_id:012d}.jpg'
+  VAL='/coco/val2014/COCO_val2014_{image_id:012d}.jpg'
   python experiments/extract_features.py --task vqa \
       --backbone my_package.fiber_jax:make_backbone --backbone_kwargs '{"checkpoint": "/ckpt"}' \
-      --texts /data/vqa_vs/Training/Training-Ques.json \
-      --images '/coco/train2014/COCO_train2014_{image_id:012d}.jpg,/coco/val2014/COCO_val2014_{image_id:012d}.jpg' \
+      --texts /data/vqa_vs/Training/Training-Ques.json --images "$TRAIN,$VAL" \
       --out /data/vqa_vs/features/Training
   # NLVR2: the release's JSON-lines file of a split and its image pairs
   python experiments/extract_features.py --task nlvr2 --backbone ... \

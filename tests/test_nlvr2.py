@@ -12,7 +12,8 @@ import pytest
 from configs import nlvr2 as nlvr2_config
 from i2m2_jax import models
 from i2m2_jax.datasets import features, load_dataset, nlvr2
-from test_vqa_vs import example_backbone, extract_features, finish, start, write_features
+from test_vqa_vs import (example_backbone, extract_features, finish, read_table, start,
+                         write_features)
 
 SIZES = {"text": 3, "image_0": 5, "image_1": 5, "fused_0": 4, "fused_1": 4}
 
@@ -115,12 +116,10 @@ def test_reproduce_table(folder, tmp_path):
   finish(start(["experiments/reproduce.py", "--config", "configs/nlvr2.py:smoke", "--workdir",
                 str(tmp_path / "table"), "--seeds", "1", f"--config.data.manual_dir={folder}",
                 "--config.eval_missing_modalities=false"], tmp_path / "cache"))
-  table = (tmp_path / "table" / "table.md").read_text()
-  header = table.splitlines()[4]
+  header, rows = read_table(tmp_path / "table" / "table.md")
   for column in ("test/accuracy", "balanced_test1/accuracy", "unbalanced_test1/accuracy",
                  "test/experts/uni_image", "test/experts/joint"):
     assert column in header
-  rows = {line.split(" | ")[0].strip("| "): line for line in table.splitlines()[6:]}
   assert set(rows) == set(nlvr2_config.vqa_vs.STAGES)
   assert "85.36 (test acc)" in rows["i2m2"]
   with open(tmp_path / "table" / "i2m2" / "seed_0" / "results.json") as f:

@@ -36,7 +36,8 @@ OOD = {"QT": [401, 403, 404], "KW+KO": [400, 409]}
     ("Yes", "yes"), ("yes.", "yes"), ("Two", "2"), ("none", "0"), ("the cat", "cat"),
     ("A dog's bone", "dog's bone"), ("dont know", "don't know"), ("couldnt've", "couldn't've"),
     ("1,000", "1000"), ("3.5", "3.5"), ("t-shirt", "t shirt"), ("black - white", "black white"),
-    ("What?!", "what"), ("(red)", "red"), ("left/right", "left right"), ("red & white", "red & white"),
+    ("What?!", "what"), ("(red)", "red"), ("left/right", "left right"),
+    ("red & white", "red & white"),
 ])
 def test_answers_are_normalised_as_the_vqa_evaluation_does(answer, normalized):
   assert vqa_vs.normalize_answer(answer) == normalized
@@ -325,6 +326,12 @@ def finish(process):
   return out
 
 
+def read_table(path):
+  """(header line, {row label: row line}) of reproduce.py's table.md."""
+  lines = path.read_text().splitlines()
+  return lines[4], {line.split(" | ")[0].strip("| "): line for line in lines[6:]}
+
+
 def test_reproduce_table_with_ood_columns_and_main(release, tmp_path):
   root, _ = release
   data = [f"--config.data.manual_dir={root}", "--config.data.min_answer_count=2",
@@ -346,12 +353,10 @@ def test_reproduce_table_with_ood_columns_and_main(release, tmp_path):
   assert results["missing_modality"]["image"]["experts_used"] == ["uni_text", "joint"]
 
   finish(reproduce)
-  table = (tmp_path / "table" / "table.md").read_text()
-  header = table.splitlines()[4]
+  header, rows = read_table(tmp_path / "table" / "table.md")
   for column in ("test/vqa_score", "ood_QT/vqa_score", "ood_KW+KO/vqa_score",
                  "ood_mean/vqa_score", "test/experts/joint"):
     assert column in header
-  rows = {line.split(" | ")[0].strip("| "): line for line in table.splitlines()[6:]}
   assert set(rows) == set(vqa_vs_config.STAGES)
   assert "68.63 (IID test), 48.74 (OOD mean)" in rows["i2m2"]
   with open(tmp_path / "table" / "i2m2" / "seed_0" / "hparams.json") as f:

@@ -30,6 +30,14 @@ FEATURES, INTEGERS = "features", "integers"
 FEATURE_DTYPES = (np.float16, np.float32)  # kept as stored; other floats become float32
 
 
+def manual_dir(data_config, expected: str) -> str:
+  """config.data.manual_dir, which must be a folder (`expected` says what it should hold)."""
+  root = os.path.expanduser(data_config.get("manual_dir", "") or "")
+  if not os.path.isdir(root):
+    raise ValueError(f"config.data.manual_dir={root!r} is not a folder; expected {expected}.")
+  return root
+
+
 def resolve(root: str, template: str, split: str) -> str:
   """The feature file of `split`: `template` with {split} filled in, relative to `root`: that
   folder (of <key>.npy files) or file, else the same name + '.npz'. ValueError when none exists."""

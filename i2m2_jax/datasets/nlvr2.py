@@ -23,8 +23,6 @@ vqa_nlvr/fiber/modules/objectives.py, compute_nlvr2).
 """
 from __future__ import annotations
 
-import os
-
 from absl import logging
 import numpy as np
 
@@ -58,10 +56,7 @@ def source(arrays) -> features_lib.FeatureSource:
 @register_dataset(NAME)
 def load_nlvr2(data_config) -> Dataset:
   """The NLVR2 data set from config.data (module docstring)."""
-  root = os.path.expanduser(data_config.get("manual_dir", "") or "")
-  if not os.path.isdir(root):
-    raise ValueError(f"config.data.manual_dir={root!r} is not a folder; expected the folder "
-                     f"holding the NLVR2 feature files.")
+  root = features_lib.manual_dir(data_config, "the folder holding the NLVR2 feature files")
   names = dict(data_config.splits)
   files = {features_lib.resolve(root, data_config.features, names[role]): role
            for role in SPLIT_ROLES}

@@ -297,10 +297,8 @@ def ood_sets(data_config, root: str, test: features_lib.FeatureSource, test_ids:
 @register_dataset(NAME)
 def load_vqa_vs(data_config) -> Dataset:
   """The VQA-VS data set from config.data (module docstring)."""
-  root = os.path.expanduser(data_config.get("manual_dir", "") or "")
-  if not os.path.isdir(root):
-    raise ValueError(f"config.data.manual_dir={root!r} is not a folder; expected the VQA-VS "
-                     f"release's folder (questions, annotations) holding the feature files too.")
+  root = features_lib.manual_dir(data_config, "the VQA-VS release's folder (questions, "
+                                 "annotations) holding the feature files too")
   names = dict(data_config.splits)
   paths = {role: (os.path.join(root, data_config.questions.format(split=names[role])),
                   os.path.join(root, data_config.annotations.format(split=names[role])))
