@@ -4,6 +4,8 @@ r"""Reproduces a paper benchmark end to end: every stage of its recipe for sever
       --config.data.manual_dir=/path/to/avmnist
   python experiments/reproduce.py --config configs/mimic.py:icd9_140_239 --workdir runs/icd9_1 \
       --seeds 3 --config.data.manual_dir=/path/to/folder_with_im.pk
+  python experiments/reproduce.py --config configs/vqa_vs.py --workdir runs/vqa_vs --seeds 3 \
+      --config.data.manual_dir=/path/to/vqa_vs_with_features   # also configs/nlvr2.py
 
 The benchmark's recipe (experiments/recipes/<data set>.py, found by config.data.name) names the
 stages, which experts each initialises from which other stage, the table's rows and columns and
@@ -23,9 +25,10 @@ stages) is skipped for that stage. config.model.init_from is set here, per stage
 
 Writes DIR/table.md, DIR/table.csv and DIR/table.png and prints the table: one row per model
 (the recipe's rows), the recipe's test metrics (accuracy and ECE; AUROC and AUPRC too for the
-MIMIC ICD-9 tasks) as mean ± std over seeds (std with ddof=1), the published I2M2 number beside
-ours where known (a third-party extraction of Madaan et al., NeurIPS 2024, arXiv 2405.17613, not
-verified), and the accuracy of each expert inside the product models (intra, i2m2).
+MIMIC ICD-9 tasks; VQA-VS: the VQA score on the IID test set, each OOD set and their mean) as
+mean ± std over seeds (std with ddof=1), the published I2M2 number beside ours where known (a
+third-party extraction of Madaan et al., NeurIPS 2024, arXiv 2405.17613, not verified), and the
+score of each expert inside the product models (intra, i2m2).
 """
 from __future__ import annotations
 

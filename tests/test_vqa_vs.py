@@ -334,14 +334,16 @@ def read_table(path):
 
 def test_reproduce_table_with_ood_columns_and_main(release, tmp_path):
   root, _ = release
+  # One evaluation per run; the I2M2 run of main.py compiles what reproduce.py's last stage reads
+  # back from the shared compilation cache.
   data = [f"--config.data.manual_dir={root}", "--config.data.min_answer_count=2",
-          f"--config.data.ood_splits={','.join(OOD)}"]
+          f"--config.data.ood_splits={','.join(OOD)}", "--config.eval_every_steps=4"]
   reproduce = start(["experiments/reproduce.py", "--config", "configs/vqa_vs.py:smoke",
                      "--workdir", str(tmp_path / "table"), "--seeds", "1", *data,
-                     "--config.eval_missing_modalities=false"], tmp_path / "cache_a")
+                     "--config.eval_missing_modalities=false"], tmp_path / "cache")
   main = start(["-m", "i2m2_jax.main", "--config", "configs/vqa_vs.py:smoke", "--workdir",
-                str(tmp_path / "main"), *data, "--config.task.loss=soft_ce",
-                "--config.data.ood_ids_file=test_annotations.json"], tmp_path / "cache_b")
+                str(tmp_path / "main"), *data,
+                "--config.data.ood_ids_file=test_annotations.json"], tmp_path / "cache")
   finish(main)
   with open(tmp_path / "main" / "results.json") as f:
     results = json.load(f)
