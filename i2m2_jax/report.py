@@ -39,7 +39,8 @@ def summarize_runs(runs: Runs, metrics: Sequence[str]) -> list[dict[str, Any]]:
 
 
 def _percent(metric: str) -> bool:
-  return metric.split("/")[-1] in ("accuracy", "ece", "auroc", "auprc") or "/experts/" in metric
+  return (metric.split("/")[-1] in ("accuracy", "ece", "auroc", "auprc", "vqa_score")
+          or "/experts/" in metric)
 
 
 def format_cell(metric: str, mean: float, std: float) -> str:

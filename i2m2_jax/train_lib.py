@@ -150,8 +150,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     state = sharding.replicate_for_pmap(state)
 
   def evaluate(state, split):
-    return evaluation.evaluate(eval_fn, state, dataset.sources[split], dataset, task,
-                               config.eval_batch_size, mesh)
+    source = (dataset.sources[split] if split in dataset.sources
+              else dataset.extra_test_splits[split])
+    return evaluation.evaluate(eval_fn, state, source, dataset, task, config.eval_batch_size, mesh)
 
   steps_per_epoch = max(len(dataset.sources["train"]) // config.batch_size, 1)
   eval_every = config.eval_every_steps if config.eval_every_steps > 0 else steps_per_epoch
@@ -230,10 +231,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       "train_examples_per_s": log.examples_per_s(),
       "val": evaluate(best_state, "val"),
       "test": evaluate(best_state, "test"),
+      **{name: evaluate(best_state, name) for name in dataset.extra_test_splits},
   }
+  if dataset.extra_test_mean and dataset.extra_test_splits:
+    results[dataset.extra_test_mean] = evaluation.mean_metrics(
+        {name: results[name] for name in dataset.extra_test_splits})
   if config.model.kind == "uni":
     results["modality"] = config.model.modality
-  scalars = {**_flat_metrics("best_val", results["val"]), **_flat_metrics("test", results["test"])}
+  scalars = _flat_metrics("best_val", results["val"])
+  for name in ("test", *dataset.extra_test_splits, dataset.extra_test_mean):
+    if name in results:
+      scalars.update(_flat_metrics(name, results[name]))
   if config.get("eval_missing_modalities", True):
     results["missing_modality"] = evaluation.evaluate_missing_modalities(
         best_state, dataset.sources["test"], dataset, task, exp.layout, config.eval_batch_size,
