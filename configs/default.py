@@ -65,7 +65,10 @@ def get_config():
   # Which input keys each expert reads, 'uni_image=image,uni_text=text,joint=fused' ('+' joins
   # several keys); '' for the default: uni_<m> reads m, joint reads every modality.
   config.model.expert_inputs = ""
-  config.model.head_hidden = (128,)
+  # Each expert's head (models.HEADS): 'mlp' (Dense + ReLU per hidden width) or 'fiber' (Dense +
+  # LayerNorm + GELU per hidden width, normal(0.02) init: the paper's heads on FIBER features).
+  config.model.head = "mlp"
+  config.model.head_hidden = (128,)    # the head's hidden widths
   config.model.dropout_rate = 0.0
   # How the classifier is computed: 'plain' (the modules of i2m2_jax/modules.py) or 'fast'
   # (i2m2_jax/fast/: LeNet experts only, same function and variables, faster on CPU).

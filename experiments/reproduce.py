@@ -4,6 +4,8 @@ r"""Reproduces a paper benchmark end to end: every stage of its recipe for sever
       --config.data.manual_dir=/path/to/avmnist
   python experiments/reproduce.py --config configs/mimic.py:icd9_140_239 --workdir runs/icd9_1 \
       --seeds 3 --config.data.manual_dir=/path/to/folder_with_im.pk
+  python experiments/reproduce.py --config configs/vqa_vs.py --workdir runs/vqa_vs --seeds 3 \
+      --config.data.manual_dir=/path/to/vqa_vs_with_features   # also configs/nlvr2.py
 
 The benchmark's recipe (experiments/recipes/<data set>.py, found by config.data.name) names the
 stages, which experts each initialises from which other stage, the table's rows and columns and
@@ -23,14 +25,15 @@ stages) is skipped for that stage. config.model.init_from is set here, per stage
 
 Writes DIR/table.md, DIR/table.csv and DIR/table.png and prints the table: one row per model
 (the recipe's rows), the recipe's test metrics (accuracy and ECE; AUROC and AUPRC too for the
-MIMIC ICD-9 tasks) as mean ± std over seeds (std with ddof=1), the published I2M2 number beside
-ours where known (a third-party extraction of Madaan et al., NeurIPS 2024, arXiv 2405.17613, not
-verified), and the accuracy of each expert inside the product models (intra, i2m2); and
-DIR/missing_modality.md, each stage's test metric with each modality missing. With --robustness
-every stage is also evaluated with each modality corrupted at noise levels 0.0 .. 1.0
-(i2m2_jax/robustness.py; the corruption by rank, except where the recipe says otherwise, as
-MIMIC's tabular static features' feature_drop, or --robustness_kinds; the effective robustness
-is against the late-fusion stage, inter_lf or inter): DIR/robustness.md and DIR/robustness.png.
+MIMIC ICD-9 tasks; VQA-VS: the VQA score on the IID test set, each OOD set and their mean) as
+mean ± std over seeds (std with ddof=1), the published I2M2 number beside ours where known (a
+third-party extraction of Madaan et al., NeurIPS 2024, arXiv 2405.17613, not verified), and the
+score of each expert inside the product models (intra, i2m2); and DIR/missing_modality.md, each
+stage's test metric with each modality missing. With --robustness every stage is also evaluated
+with each modality corrupted at noise levels 0.0 .. 1.0 (i2m2_jax/robustness.py; the corruption
+by rank, except where the recipe says otherwise, as MIMIC's tabular static features'
+feature_drop, or --robustness_kinds; the effective robustness is against the late-fusion stage,
+inter_lf or inter): DIR/robustness.md and DIR/robustness.png.
 """
 from __future__ import annotations
 
@@ -135,11 +138,9 @@ def table(recipe: recipes.Recipe, runs: studies.Runs, config, seeds: int) -> stu
       f"Test metrics of the checkpoint with the best validation {config.selection_metric}, in "
       f"percent. Rows: uni-modal experts alone (uni_*), their product (intra), the joint models "
       f"(inter*), and I2M2 (product of the uni-modal experts and the joint one). "
-      f"test/experts/* are the accuracies of the experts inside the product models. "
-      f"The published column is a third-party extraction of the paper (Madaan et al., NeurIPS "
-      f"2024, arXiv 2405.17613), not verified. Deviations from the reference code "
-      f"(divyam3897/I2M2: avmnist_and_mimic/): BatchNorm in eval mode at test, trained LRTF "
-      f"factors, intra tested as a product (README: Where we differ from the official code).")
+      f"test/experts/* are the scores of the experts inside the product models, each by the "
+      f"task's main metric. The published column is a third-party extraction of the paper "
+      f"(Madaan et al., NeurIPS 2024, arXiv 2405.17613), not verified. {recipe.notes}")
   return studies.Table(
       name="table", title=title, intro=intro, metrics=[*recipe.metrics, *experts],
       chart_metric=recipe.chart_metric, rows=recipe.rows,

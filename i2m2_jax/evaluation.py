@@ -5,8 +5,10 @@ modality missing.
 (every batch the same shape, the last one padded with masked examples, so nothing recompiles),
 adds the task's metric sums on the host and gathers the per-example outputs of rank metrics from
 every process; the task summarises them. `evaluate_without` evaluates the normalised product of
-the experts that do not read a given input, with that input replaced by zeros;
-`evaluate_attribution` says which expert decides the product's predictions (`attribution`).
+the experts that do not read a given input, with that input replaced by zeros.
+`mean_metrics` averages the results of several test sets (e.g. VQA-VS's out-of-distribution
+sets); `evaluate_attribution` says which expert decides the product's predictions
+(`attribution`).
 """
 from __future__ import annotations
 
@@ -47,6 +49,19 @@ def evaluate(eval_fn: Callable, state, source, dataset: Dataset, task: Task, bat
     mask = np.concatenate([r["mask"] for r in ranked]).astype(bool)
     gathered = {k: np.concatenate([r[k] for r in ranked])[mask] for k in ranked[0] if k != "mask"}
   return (summarize or task.summarize)(sums, gathered)
+
+
+def mean_metrics(results: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+  """The unweighted mean over test sets (name -> `evaluate`'s metrics) of every number they all
+  have, nested ones too (e.g. `experts`), except the example `count`; `splits` names them."""
+  def mean(values: Sequence[Any]) -> Any:
+    if all(isinstance(v, Mapping) for v in values):
+      common = [k for k in values[0] if k != "count" and all(k in v for v in values)]
+      return {k: m for k in common if (m := mean([v[k] for v in values])) is not None}
+    if all(isinstance(v, (int, float, np.number)) and not isinstance(v, bool) for v in values):
+      return float(np.mean(values))
+    return None
+  return {**mean(list(results.values())), "splits": list(results)}
 
 
 def _only_experts(result: Any, used: Sequence[str]) -> Any:

@@ -312,18 +312,22 @@ def load_run(workdir: str, step: int | None = None, *, implementation: str | Non
 
 def evaluate_dataset(predictor: Predictor, dataset: Dataset,
                      splits: Sequence[str] = ("val", "test")) -> dict[str, Any]:
-  """results.json's metrics of the run on `dataset` (its modalities must be the run's): each
-  split's task metrics, and on the test split `missing_modality` and, for a product of experts,
-  `attribution`. Batches of the run's config.eval_batch_size (rounded up to a multiple of the
-device count)."""
+  """results.json's metrics of the run on `dataset` (its modalities must be the run's): the task
+  metrics of each of `splits` and of the data set's extra test sets (with their mean), and on
+  the test split `missing_modality` and, for a product of experts, `attribution`. Batches of the
+  run's config.eval_batch_size (rounded up to a multiple of the device count)."""
   check_compatible(predictor.spec, dataset, predictor.task, predictor.workdir)
   task, state, mesh, preprocess = (predictor.task, predictor.state, predictor.mesh,
                                    predictor.preprocess)
   batch_size = -(-predictor.config.eval_batch_size // mesh.size) * mesh.size
   eval_fn = steps.jit_eval_step(task, preprocess, mesh)
+  sources = {**{split: dataset.sources[split] for split in splits}, **dataset.extra_test_splits}
   results: dict[str, Any] = {
-      split: evaluation.evaluate(eval_fn, state, dataset.sources[split], dataset, task,
-                                 batch_size, mesh) for split in splits}
+      name: evaluation.evaluate(eval_fn, state, source, dataset, task, batch_size, mesh)
+      for name, source in sources.items()}
+  if dataset.extra_test_mean and dataset.extra_test_splits:
+    results[dataset.extra_test_mean] = evaluation.mean_metrics(
+        {name: results[name] for name in dataset.extra_test_splits})
   test = dataset.sources["test"]
   results["missing_modality"] = evaluation.evaluate_missing_modalities(
       state, test, dataset, task, predictor.layout, batch_size, mesh, preprocess=preprocess,

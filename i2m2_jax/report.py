@@ -38,8 +38,8 @@ def summarize_runs(runs: Runs, metrics: Sequence[str]) -> list[dict[str, Any]]:
   return rows
 
 
-PERCENT_METRICS = ("accuracy", "ece", "auroc", "auprc", "changes_prediction", "fraction",
-                   "uni_product_accuracy")
+PERCENT_METRICS = ("accuracy", "ece", "auroc", "auprc", "vqa_score", "changes_prediction",
+                   "fraction", "uni_product_accuracy")
 
 
 def is_percent(metric: str) -> bool:

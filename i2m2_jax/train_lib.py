@@ -95,7 +95,10 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
                        f"({jax.device_count()}).")
   if config.keep_checkpoints < 1:
     raise ValueError(f"config.keep_checkpoints={config.keep_checkpoints} must be >= 1.")
-  checkpointing.parse_init_from(config.model.get("init_from", ""))  # raises on a bad entry
+  for expert, run in checkpointing.parse_init_from(config.model.get("init_from", "")).items():
+    if not os.path.isdir(checkpointing.checkpoint_dir(run)):
+      raise ValueError(f"config.model.init_from: {expert}={run} has no checkpoints (no folder "
+                       f"{checkpointing.checkpoint_dir(run)}); expected a finished run's workdir.")
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
@@ -152,8 +155,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     state = sharding.replicate_for_pmap(state)
 
   def evaluate(state, split):
-    return evaluation.evaluate(eval_fn, state, dataset.sources[split], dataset, task,
-                               config.eval_batch_size, mesh)
+    source = (dataset.sources[split] if split in dataset.sources
+              else dataset.extra_test_splits[split])
+    return evaluation.evaluate(eval_fn, state, source, dataset, task, config.eval_batch_size, mesh)
 
   steps_per_epoch = max(len(dataset.sources["train"]) // config.batch_size, 1)
   eval_every = config.eval_every_steps if config.eval_every_steps > 0 else steps_per_epoch
@@ -232,10 +236,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       "train_examples_per_s": log.examples_per_s(),
       "val": evaluate(best_state, "val"),
       "test": evaluate(best_state, "test"),
+      **{name: evaluate(best_state, name) for name in dataset.extra_test_splits},
   }
+  if dataset.extra_test_mean and dataset.extra_test_splits:
+    results[dataset.extra_test_mean] = evaluation.mean_metrics(
+        {name: results[name] for name in dataset.extra_test_splits})
   if config.model.kind == "uni":
     results["modality"] = config.model.modality
-  scalars = {**_flat_metrics("best_val", results["val"]), **_flat_metrics("test", results["test"])}
+  scalars = _flat_metrics("best_val", results["val"])
+  for name in ("test", *dataset.extra_test_splits, dataset.extra_test_mean):
+    if name in results:
+      scalars.update(_flat_metrics(name, results[name]))
   if config.get("eval_missing_modalities", True):
     results["missing_modality"] = evaluation.evaluate_missing_modalities(
         best_state, dataset.sources["test"], dataset, task, exp.layout, config.eval_batch_size,
