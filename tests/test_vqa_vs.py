@@ -265,7 +265,7 @@ def test_npz_features_train_every_model_kind(tmp_path):
     config.model.expert_inputs = "uni_image=image,uni_text=text,joint=fused"
     config.model.encoders = "image=identity,text=identity,fused=identity"
     config.num_train_steps, config.eval_every_steps = 4, 4
-    config.eval_missing_modalities = kind == "i2m2"
+    config.eval_missing_modalities = config.eval_attribution = kind == "i2m2"
     results = train_lib.train_and_evaluate(config, str(tmp_path / kind))
     experts = {"uni": ["uni_text"], "intra": ["uni_image", "uni_text"], "inter": ["joint"],
                "i2m2": ["uni_image", "uni_text", "joint"]}[kind]
@@ -340,7 +340,8 @@ def test_reproduce_table_with_ood_columns_and_main(release, tmp_path):
           f"--config.data.ood_splits={','.join(OOD)}", "--config.eval_every_steps=4"]
   reproduce = start(["experiments/reproduce.py", "--config", "configs/vqa_vs.py:smoke",
                      "--workdir", str(tmp_path / "table"), "--seeds", "1", *data,
-                     "--config.eval_missing_modalities=false"], tmp_path / "cache")
+                     "--config.eval_missing_modalities=false", "--config.eval_attribution=false"],
+                    tmp_path / "cache")
   main = start(["-m", "i2m2_jax.main", "--config", "configs/vqa_vs.py:smoke", "--workdir",
                 str(tmp_path / "main"), *data,
                 "--config.data.ood_ids_file=test_annotations.json"], tmp_path / "cache")
