@@ -22,11 +22,11 @@ from configs import npz as npz_config
 from configs import vqa_vs as vqa_vs_config
 from i2m2_jax import models, train_lib
 from i2m2_jax.datasets import features, load_dataset, vqa_vs
+from helpers import import_experiment
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(REPO, "experiments"))
-import example_backbone  # noqa: E402  pylint: disable=g-import-not-at-top
-import extract_features  # noqa: E402  pylint: disable=g-import-not-at-top
+example_backbone = import_experiment("example_backbone")
+extract_features = import_experiment("extract_features")
 
 SIZES = {"image": 5, "text": 3, "fused": 7}  # arbitrary feature sizes
 OOD = {"QT": [401, 403, 404], "KW+KO": [400, 409]}
