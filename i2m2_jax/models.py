@@ -42,12 +42,25 @@ ENCODERS: dict[str, Callable[..., nn.Module]] = {
     "mlp_raw": paper_models.MLPRawEncoder,
     # fastMRI knee: PreActResNet-18 (widths, blocks and pooled size are its arguments).
     "preactresnet18": paper_models.PreActResNet,
+    # Precomputed features (e.g. of a frozen backbone) straight to the head, flattened.
+    "identity": modules.IdentityEncoder,
+}
+
+# name -> head class, built as cls(features=config.model.head_hidden + (num_outputs,),
+# dropout_rate=config.model.dropout_rate) (config.model.head selects from it). Every expert's
+# head is one of these, named 'head' in its parameters.
+HEADS: dict[str, Callable[..., nn.Module]] = {
+    "mlp": modules.MLP,               # Dense + ReLU per hidden width, then Dense
+    "fiber": modules.LayerNormMLP,    # Dense + LayerNorm + GELU per hidden width, then Dense
 }
 
 # The default encoder for a modality by the rank of one example: vector, sequence, image.
 DEFAULT_ENCODER_BY_RANK = {1: "mlp", 2: "gru", 3: "cnn"}
+# The per-example ranks an encoder reads (those not listed flatten any shape).
+ENCODER_RANKS = {"gru": (2,), "conv1d": (2,), "gru_linear": (2,), "gru_all_states": (2,),
+                 "cnn": (3,), "lenet": (3,)}
 
-# name -> joint-expert class, built as cls(encoders=((key, encoder), ...), head=...,
+# name -> joint-expert class, built as cls(encoders=((key, encoder), ...), head=<a HEADS module>,
 # dropout_rate=..., **config.model.fusion_kwargs).
 FUSIONS: dict[str, Callable[..., nn.Module]] = {
     "late_fusion": modules.LateFusionExpert,
@@ -168,6 +181,11 @@ def _encoder_for(key: str, shape: Sequence[int], model_config, joint: bool,
   if name not in ENCODERS:
     raise ValueError(f"config.model.encoders: {key}={name!r} is unknown; expected one of "
                      f"{sorted(ENCODERS)}.")
+  if len(shape) not in ENCODER_RANKS.get(name, (len(shape),)):
+    fits = sorted(n for n in ENCODERS if len(shape) in ENCODER_RANKS.get(n, (len(shape),)))
+    raise ValueError(f"config.model.encoders: {key}={name!r} reads examples of rank "
+                     f"{ENCODER_RANKS[name]}, but input {key!r} has per-example shape "
+                     f"{tuple(shape)}; encoders for it: {fits} (mlp flattens any shape).")
   kwargs = config_mapping(model_config.get("encoder_kwargs"), "config.model.encoder_kwargs").get(key)
   if joint:
     kwargs = config_mapping(model_config.get("joint_encoder_kwargs"),
@@ -180,21 +198,26 @@ def _encoder_for(key: str, shape: Sequence[int], model_config, joint: bool,
   return factory(**kwargs)
 
 
+def build_head(model_config, num_outputs: int) -> nn.Module:
+  """An expert's head: config.model.head ('mlp' by default) with config.model.head_hidden."""
+  name = model_config.get("head", "mlp") or "mlp"
+  if name not in HEADS:
+    raise ValueError(f"config.model.head={name!r} is unknown; expected one of {sorted(HEADS)}.")
+  return HEADS[name](features=tuple(model_config.head_hidden) + (num_outputs,),
+                     dropout_rate=model_config.get("dropout_rate", 0.0))
+
+
 def build_expert(name: str, keys: Sequence[str], modality_shapes: Mapping[str, Sequence[int]],
                  num_outputs: int, model_config, batch_axis_name: str | None = None) -> nn.Module:
   """One expert: the joint one by config.model.fusion; a uni-modal one as an encoder and a head
   (or, reading several keys, their encoders concatenated as in late fusion)."""
-  head = tuple(model_config.head_hidden) + (num_outputs,)
+  head = build_head(model_config, num_outputs)
   dropout = model_config.get("dropout_rate", 0.0)
   joint = name == JOINT
   encoders = tuple((k, _encoder_for(k, modality_shapes[k], model_config, joint, batch_axis_name))
                    for k in keys)
   if joint:
-    fusion = model_config.get("fusion", "late_fusion")
-    if fusion not in FUSIONS:
-      raise ValueError(f"config.model.fusion={fusion!r} is unknown; expected one of "
-                       f"{sorted(FUSIONS)}.")
-    return FUSIONS[fusion](encoders=encoders, head=head, dropout_rate=dropout,
+    return FUSIONS[model_config.get("fusion", "late_fusion")](encoders=encoders, head=head, dropout_rate=dropout,
                            **config_mapping(model_config.get("fusion_kwargs"),
                                            "config.model.fusion_kwargs"))
   if len(encoders) == 1:
@@ -217,6 +240,10 @@ def build_model(model_config, modality_shapes: Mapping[str, Sequence[int]],
     raise ValueError("The data set has no modality.")
   output_shape = (output_shape,) if isinstance(output_shape, int) else tuple(output_shape)
   check_named_inputs(model_config, list(modality_shapes))
+  fusion = model_config.get("fusion", "late_fusion")
+  if fusion not in FUSIONS:  # checked even when the kind has no joint expert
+    raise ValueError(f"config.model.fusion={fusion!r} is unknown; expected one of "
+                     f"{sorted(FUSIONS)}.")
   layout = expert_layout(model_config, list(modality_shapes))
   implementation = model_config.get("implementation", "plain") or "plain"
   if implementation not in IMPLEMENTATIONS:

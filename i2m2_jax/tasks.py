@@ -416,6 +416,8 @@ class SoftLabelTask(Task):
 # From a config and a data set
 
 TASKS = ("multiclass", "multilabel", "soft_label")
+# task name -> the metric it reports each expert by, its headline metric
+MAIN_METRICS = {t.name: t.main_metric for t in (MulticlassTask, MultilabelTask, SoftLabelTask)}
 
 
 def build_task(task_config, dataset, bootstrap_samples: int = 0) -> Task:
@@ -435,6 +437,13 @@ def build_task(task_config, dataset, bootstrap_samples: int = 0) -> Task:
 
   get = (lambda key, default: task_config.get(key, default)) if task_config else (
       lambda key, default: default)
+  # Fields of the other tasks are checked too: a misspelt value fails whatever the task.
+  if get("loss", "vqa_bce") not in SOFT_LABEL_LOSSES:
+    raise ValueError(f"config.task.loss={get('loss', '')!r} is unknown; expected one of "
+                     f"{list(SOFT_LABEL_LOSSES)}.")
+  if name != "multilabel" and str(get("class_weights", "") or "").strip():
+    raise ValueError(f"config.task.class_weights={get('class_weights', '')!r} applies to the "
+                     f"multilabel task only; this task is {name!r}.")
   if name == "multiclass":
     need("label", 0, "an integer 'label' per example (shape [N])")
     return MulticlassTask(dataset.num_classes)

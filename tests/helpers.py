@@ -1,4 +1,9 @@
 """Shared test data: a tiny two-modality data set with a learnable signal, and its config."""
+import importlib
+import os
+import sys
+
+from absl import flags
 import numpy as np
 
 from configs import default
@@ -6,6 +11,8 @@ from i2m2_jax import input_pipeline
 from i2m2_jax.datasets import Dataset
 
 NUM_CLASSES = 3
+EXPERIMENTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                           "experiments")
 MODALITIES = {"a": (6,), "b": (4, 3)}
 
 
@@ -38,6 +45,7 @@ def tiny_config(kind="i2m2", **overrides):
   config.log_every_steps = 3
   config.optimizer.learning_rate = 3e-3
   config.optimizer.schedule = "constant"
+  config.eval_attribution = False  # one more compilation per run; tested in test_attribution.py
   return apply_overrides(config, overrides)
 
 
@@ -58,3 +66,21 @@ def train_batches(dataset, batch_size, n, targets=("label",)):
                                     modalities=list(dataset.modalities), targets=targets,
                                     prefetch=0)
   return [next(it) for _ in range(n)]
+
+
+def import_experiment(name):
+  """experiments/<name>.py as a module, for its functions, without its command-line flags.
+
+  Each script defines its flags at import, as absl scripts do, and several share a name (--out,
+  --config); absl refuses a second definition in one process. Tests use the functions, never the
+  flags, so the flags a script defined are dropped again once it is imported.
+  """
+  if EXPERIMENTS not in sys.path:
+    sys.path.insert(0, EXPERIMENTS)
+  if name in sys.modules:
+    return sys.modules[name]
+  module = importlib.import_module(name)
+  for flag in flags.FLAGS.get_flags_for_module(name):
+    if flag.name in flags.FLAGS:
+      delattr(flags.FLAGS, flag.name)
+  return module

@@ -6,7 +6,6 @@ data_dir in tmp_path) and checks what the trainer would read against numpy refer
 import os
 import pickle
 import random
-import sys
 
 import ml_collections
 import numpy as np
@@ -15,6 +14,7 @@ import pytest
 from i2m2_jax.datasets import DATASETS
 from i2m2_jax.datasets import avmnist
 from i2m2_jax.datasets import mimic
+from helpers import import_experiment
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -255,8 +255,7 @@ def test_mimic_errors_name_file_and_key(tmp_path):
 
 
 def test_digits_as_avmnist_files_load_and_carry_the_label(tmp_path):
-  sys.path.insert(0, os.path.join(ROOT, "experiments"))
-  import digits_as_avmnist  # pylint: disable=g-import-not-at-top
+  digits_as_avmnist = import_experiment("digits_as_avmnist")
   digits_as_avmnist.write(str(tmp_path / "manual"), train=300, val=60, test=40)
   ds = DATASETS["avmnist"](avmnist_config(tmp_path, tmp_path / "manual", num_val=60))
   assert {s: len(ds.sources[s]) for s in ("train", "val", "test")} == {

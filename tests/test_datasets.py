@@ -410,3 +410,126 @@ def test_one_in_memory_setting_from_config(tmp_path):
   assert_matches_spec(held, {"train": 300, "val": 60, "test": 80})
   assert held.provenance["fingerprint"] == on_disk.provenance["fingerprint"]
   assert held.provenance["fingerprint"].startswith("knobs:")
+
+
+# ---------------------------------------------------------------------------------------------
+# npz folders of the kinds users bring
+
+
+def _user_arrays(case, n, seed):
+  """One split of a user's folder for each case of test_npz_user_cases."""
+  rng = np.random.default_rng(seed)
+  labels = np.arange(n) % 4
+  arrays = {"vec": rng.normal(size=(n, 3)).astype(np.float32), "label": labels}
+  if case == "many_small_classes":
+    arrays["label"] = np.arange(n) % (n // 3)      # 3 examples per class
+  elif case == "object_labels":
+    arrays["label"] = np.array([f"class {i}" for i in labels], dtype=object)
+  elif case == "label_gaps":
+    arrays["label"] = np.array([3, 7, 9])[labels % 3]
+  elif case == "rank5_modality":
+    arrays["video"] = rng.normal(size=(n, 2, 4, 4, 1)).astype(np.float32)
+  elif case == "single_modality":
+    pass
+  elif case == "float_labels_holding_integers":
+    arrays["label"] = labels.astype(np.float64)
+  elif case == "feature_dtypes":
+    arrays.update(flags=rng.uniform(size=(n, 2)) < 0.5, pixels=rng.integers(0, 256, (n, 2, 2, 1),
+                                                                            dtype=np.uint8),
+                  counts=rng.integers(0, 9, (n, 4)).astype(np.int64),
+                  half=rng.normal(size=(n, 5)).astype(np.float16))
+  elif case == "odd_key_names_and_order":
+    arrays = {"label": labels, "Z last-first.v2": arrays["vec"],
+              "a b": rng.normal(size=(n, 2)).astype(np.float32)}
+  return arrays
+
+
+def _write_user_folder(folder, case, compressed=False):
+  os.makedirs(folder, exist_ok=True)
+  save = np.savez_compressed if compressed else np.savez
+  sizes = {"train": 600, "test": 60} if case == "many_small_classes" else {"train": 40, "test": 12}
+  for i, (split, n) in enumerate(sizes.items()):
+    with open(os.path.join(folder, f"{split}.npz"), "wb") as f:
+      save(f, **_user_arrays(case, n, i))
+  return str(folder)
+
+
+def _check_many_small_classes(dataset, tmp_path, folder):
+  assert len(dataset.sources["val"]) == 60 and len(dataset.sources["train"]) == 540
+  other = load_dataset(npz_config(folder, tmp_path / "tfds", val_fraction=0.2))
+  assert len(other.sources["val"]) == 120  # the requested fraction, not a third
+
+
+def _check_label_gaps(dataset, *_):
+  assert dataset.num_classes == 10
+
+
+def _check_rank5(dataset, *_):
+  from configs import default  # pylint: disable=g-import-not-at-top
+  from i2m2_jax import models  # pylint: disable=g-import-not-at-top
+  config = default.get_config().model
+  with pytest.raises(ValueError, match=r"no default encoder for rank 4.*"
+                                       r"--config.model.encoders=video=NAME"):
+    models.build_model(config, dataset.modalities, 4)
+  config.encoders = "video=cnn"
+  with pytest.raises(ValueError, match=r"video='cnn' reads examples of rank \(3,\).*"
+                                       r"\(2, 4, 4, 1\).*mlp"):
+    models.build_model(config, dataset.modalities, 4)
+  config.encoders = "video=mlp"
+  models.build_model(config, dataset.modalities, 4)  # works: flattens
+
+
+def _check_dtypes(dataset, *_):
+  example = dataset.sources["train"][0]
+  assert {k: example[k].dtype for k in ("flags", "pixels", "counts", "half")} == {
+      "flags": np.uint8, "pixels": np.uint8, "counts": np.float32, "half": np.float32}
+
+
+def _check_single_modality(dataset, *_):
+  assert list(dataset.modalities) == ["vec"]
+
+
+def _check_float_labels(dataset, *_):
+  assert dataset.num_classes == 4 and isinstance(dataset.sources["train"][0]["label"], int)
+
+
+def _check_compressed(dataset, *_):
+  assert len(dataset.sources["train"]) + len(dataset.sources["val"]) == 40
+  assert np.any(gather_batch(dataset.sources["test"], range(12), ["vec"])["inputs"]["vec"] != 0)
+
+
+def _check_key_order(dataset, *_):
+  assert list(dataset.modalities) == ["Z last-first.v2", "a b"]  # the file's order
+
+
+# case -> (compressed, substrings of the error it must raise, or a check of the data set)
+USER_CASES = {
+    "many_small_classes": (False, _check_many_small_classes),
+    "object_labels": (False, ["train.npz", "'label'", "Python objects", "np.unique"]),
+    "label_gaps": (False, _check_label_gaps),
+    "rank5_modality": (False, _check_rank5),
+    "single_modality": (False, _check_single_modality),
+    "float_labels_holding_integers": (False, _check_float_labels),
+    "feature_dtypes": (False, _check_dtypes),
+    "compressed": (True, _check_compressed),
+    "odd_key_names_and_order": (False, _check_key_order),
+}
+
+
+@pytest.mark.parametrize("case", sorted(USER_CASES))
+def test_npz_user_cases(tmp_path, case, caplog):
+  compressed, expected = USER_CASES[case]
+  folder = _write_user_folder(tmp_path / "data", case, compressed)
+  if isinstance(expected, list):
+    with pytest.raises(ValueError) as error:
+      load_dataset(npz_config(folder, tmp_path / "tfds"))
+    for text in expected:
+      assert text in str(error.value), (text, str(error.value))
+    return
+  with caplog.at_level("INFO"):
+    dataset = load_dataset(npz_config(folder, tmp_path / "tfds"))
+  expected(dataset, tmp_path, folder)
+  if case == "label_gaps":
+    assert "use 3 of the 10 classes" in caplog.text
+  if case == "many_small_classes":
+    assert "split without stratification" in caplog.text

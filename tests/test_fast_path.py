@@ -37,6 +37,7 @@ from i2m2_jax.optim import create_optimizer
 from i2m2_jax.fast import FastLeNetClassifier
 from i2m2_jax.fast import classifier as fast_classifier
 from i2m2_jax.fast import ops as fast_ops
+from helpers import import_experiment
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 AVMNIST_SHAPES = {"image": (28, 28, 1), "audio": (112, 112, 1)}
@@ -381,8 +382,7 @@ def test_fast_package_is_imported_only_by_build_model():
 
 
 def test_benchmark_flop_count_by_hand():
-  sys.path.insert(0, os.path.join(ROOT, "experiments"))
-  import benchmark  # pylint: disable=g-import-not-at-top
+  benchmark = import_experiment("benchmark")
   config = avmnist_config.get_config("i2m2").model
   flops = benchmark.model_flops(config)
   # Image LeNet(1,c,3): 784*25c + 196*9*2c^2 + 49*9*8c^2 + 9*9*32c^2 multiply-adds.

@@ -18,7 +18,6 @@ import sys
 import h5py
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
 from sklearn import metrics as sk_metrics

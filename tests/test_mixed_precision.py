@@ -81,14 +81,6 @@ def test_bfloat16_training_run_learns_and_stores_float32(dataset, tmp_path):  # 
   assert leaves and all(np.asarray(x).dtype == np.float32 for x in leaves)
 
 
-@pytest.mark.parametrize("field, value, message", [
-    ("model.compute_dtype", "float16", "config.model.compute_dtype='float16' is unknown"),
-])
-def test_unknown_compute_dtype_is_named(dataset, tmp_path, field, value, message):  # noqa: F811
-  with pytest.raises(ValueError, match=message):
-    train_lib.train_and_evaluate(tiny_config(**{field: value}), str(tmp_path), dataset=dataset)
-
-
 def test_fast_implementation_refuses_bfloat16():
   config = lenet_config()
   config.model.implementation = "fast"

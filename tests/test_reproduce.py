@@ -31,11 +31,11 @@ from experiments.recipes import mimic as mimic_recipe
 from i2m2_jax import checkpointing, evaluation, input_pipeline, steps, train_lib
 from i2m2_jax.datasets import Dataset, load_dataset
 from i2m2_jax.experiment import build_experiment, make_preprocess
+from helpers import import_experiment
 from test_avmnist_mimic import mimic_arrays, write_avmnist, write_mimic
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(REPO, "experiments"))
-import reproduce  # noqa: E402  pylint: disable=g-import-not-at-top
+reproduce = import_experiment("reproduce")
 
 # Runs experiments/reproduce.py as __main__ after wrapping checkpointing.load_expert_init, so that
 # the state each staged run starts from is dumped to $SPY_DIR (the trainer calls it by module
@@ -276,8 +276,9 @@ AVMNIST_STAGES = ["uni_image", "uni_audio", "inter_lf", "inter_lrtf", "intra", "
 
 def _speed_flags():
   from configs import default  # pylint: disable=g-import-not-at-top
-  return (["--config.eval_missing_modalities=False"]
-          if "eval_missing_modalities" in default.get_config() else [])
+  config = default.get_config()
+  return [f"--config.{field}=False" for field in ("eval_missing_modalities", "eval_attribution")
+          if field in config]
 
 
 @pytest.fixture(scope="module")

@@ -108,16 +108,6 @@ def test_expert_initialised_from_another_runs_checkpoint(dataset, tmp_path):
     checkpointing.load_expert_init(fresh, f"uni_c={uni_dir}", mesh)
 
 
-def test_config_errors_fail_before_training(dataset, tmp_path):
-  with pytest.raises(ValueError, match=r"config.batch_size=15 .*device count \(2\)"):
-    train_lib.train_and_evaluate(tiny_config(batch_size=15), str(tmp_path / "a"), dataset=dataset)
-  with pytest.raises(ValueError, match=r"config.parallel='vmap'"):
-    train_lib.train_and_evaluate(tiny_config(parallel="vmap"), str(tmp_path / "b"), dataset=dataset)
-  with pytest.raises(ValueError, match=r"config.model.kind='joint'"):
-    train_lib.train_and_evaluate(tiny_config("joint"), str(tmp_path / "c"), dataset=dataset)
-  assert not os.path.exists(str(tmp_path / "a" / "checkpoints"))
-
-
 def test_non_finite_loss_stops_with_the_step_and_expert(dataset, tmp_path):
   config = tiny_config(**{"optimizer.learning_rate": 1e30, "optimizer.grad_clip_norm": 0.0})
   with pytest.raises(train_lib.NonFiniteError, match=r"step \d+; experts with non-finite logits"):
@@ -188,3 +178,35 @@ def test_a_finished_run_is_not_run_again_and_each_start_is_recorded(dataset, tmp
   starts = read_jsonl(os.path.join(workdir, "runs.jsonl"))
   assert [s["start_step"] for s in starts] == [0, 12]
   assert any(c.startswith("config.optimizer.learning_rate: now 0.001") for c in starts[1]["changed"])
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("model.kind", "joint", "config.model.kind='joint' is unknown"),
+    ("model.modality", "c", "config.model.modality='c'"),
+    ("model.fusion", "tensor", "config.model.fusion='tensor' is unknown"),
+    ("model.encoders", "a=transformer", "config.model.encoders: a='transformer' is unknown"),
+    ("model.encoders", "z=mlp", "config.model.encoders names modality 'z'"),
+    ("model.expert_inputs", "joint=a+q", "expert 'joint' reads ['a', 'q']"),
+    ("model.implementation", "turbo", "config.model.implementation='turbo' is unknown"),
+    ("model.compute_dtype", "float16", "config.model.compute_dtype='float16' is unknown"),
+    ("model.init_from", "uni_a", "init_from entry 'uni_a'"),
+    ("model.init_from", "uni_a=/no/such/run", "has no checkpoints"),
+    ("optimizer.name", "lion", "config.optimizer.name='lion' is unknown"),
+    ("optimizer.schedule", "linear", "config.optimizer.schedule='linear' is unknown"),
+    ("task.name", "regression", "config.task.name='regression' is unknown"),
+    ("task.loss", "mse", "config.task.loss='mse' is unknown"),
+    ("task.class_weights", "balanced", "applies to the multilabel task only"),
+    ("selection_metric", "auroc", "config.selection_metric='auroc'"),
+    ("parallel", "vmap", "config.parallel='vmap' is unknown"),
+    ("batch_size", 15, "config.batch_size=15 must be a positive multiple"),
+    ("eval_batch_size", 0, "config.eval_batch_size=0 must be a positive multiple"),
+    ("keep_checkpoints", 0, "config.keep_checkpoints=0 must be >= 1"),
+])
+def test_every_config_field_is_checked_before_the_workdir_is_written(dataset, tmp_path, field,
+                                                                     value, message):
+  kind = "uni" if field == "model.modality" else "i2m2"
+  with pytest.raises(ValueError) as error:
+    train_lib.train_and_evaluate(tiny_config(kind, **{field: value}), str(tmp_path / "w"),
+                                 dataset=dataset)
+  assert message in str(error.value)
+  assert not (tmp_path / "w").exists()

@@ -1,6 +1,7 @@
 """What experiments/reproduce.py runs and tabulates for each of the paper's benchmarks.
 
-A benchmark's module here is named after its data set (config.data.name: avmnist.py, mimic.py)
+A benchmark's module here is named after its data set (config.data.name: avmnist.py, mimic.py,
+vqa_vs.py, nlvr2.py)
 and listed in BENCHMARKS; its `recipe(config) -> Recipe` is given the benchmark's config (e.g.
 the MIMIC task picks the table's columns and published numbers). A recipe holds what is not a
 hyper-parameter: the stage graph, which stages --fusion runs, the table's rows, metrics and
@@ -29,6 +30,9 @@ class Recipe:
   chart_metric: str                     # one of metrics, for DIR/table.png
   published: Mapping[str, str]          # row -> the paper's number, as the table shows it
   notes: str = ""                       # Markdown after the table's generic introduction
+  # --robustness: corruptions other than the defaults by rank ('modality=kind,...'), before
+  # those of --robustness_kinds
+  robustness_kinds: str = ""
 
   def stages_for(self, fusion: str) -> list[str]:
     """The stages of a variant (reproduce.py's --fusion, alias --variant); '' the first."""
@@ -38,7 +42,7 @@ class Recipe:
     return list(self.fusions[fusion])
 
 
-BENCHMARKS = ("avmnist", "mimic", "fastmri")  # data set names, each a module here
+BENCHMARKS = ("avmnist", "mimic", "fastmri", "vqa_vs", "nlvr2")  # data set names, modules here
 # The table's note on the MultiBench benchmarks (AV-MNIST, MIMIC-III).
 MULTIBENCH_DEVIATIONS = (
     "Deviations from the reference code (divyam3897/I2M2: avmnist_and_mimic/): BatchNorm in eval "

@@ -14,10 +14,11 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import logging
+import logging as std_logging
 import os
 from typing import Any, Mapping, Sequence
 
+from absl import logging
 import numpy as np
 import tensorflow_datasets as tfds
 
@@ -48,15 +49,15 @@ def _json_default(value):
   raise TypeError(f"Not JSON-able: {value!r}")
 
 
-class _DropCustomConfigWarning(logging.Filter):
+class _DropCustomConfigWarning(std_logging.Filter):
   """TFDS warns 'Using custom data configuration' on every load of a KnobsConfig; that is the
   design here, not a problem, so the message is dropped."""
 
-  def filter(self, record: logging.LogRecord) -> bool:
+  def filter(self, record: std_logging.LogRecord) -> bool:
     return not str(record.msg).startswith("Using custom data configuration")
 
 
-logging.getLogger("absl").addFilter(_DropCustomConfigWarning())
+std_logging.getLogger("absl").addFilter(_DropCustomConfigWarning())
 
 
 def knobs_config(knobs: Mapping[str, Any], description: str = "") -> KnobsConfig:
@@ -152,17 +153,31 @@ def stratified_partition(labels: np.ndarray, fractions: Sequence[float],
   """Splits indices 0..N-1 into len(fractions) parts keeping each class's proportions.
 
   Per class, a seeded permutation of its indices is cut at round(cumsum(fractions) * n_class).
-  Each part is returned sorted, so examples keep their original order. Deterministic in
-  (labels, fractions, seed).
+  Classes too small for that (fewer than one example expected in the smallest part, e.g. 3
+  examples and a 10 % part) are pooled and their pool is cut the same way, without
+  stratification, so that the parts still get the requested fractions; the log says so. Each
+  part is returned sorted, so examples keep their original order. Deterministic in (labels,
+  fractions, seed).
   """
   labels = np.asarray(labels)
   fractions = np.asarray(fractions, dtype=np.float64)
   fractions = fractions / fractions.sum()
   rng = np.random.default_rng(seed)
   parts = [[] for _ in fractions]
-  for cls in np.unique(labels):  # sorted, so the rng draws in a fixed order
-    members = rng.permutation(np.flatnonzero(labels == cls))
+
+  def cut(members):
     bounds = np.round(np.cumsum(fractions)[:-1] * len(members)).astype(int)
     for part, chunk in zip(parts, np.split(members, bounds)):
       part.append(chunk)
+
+  classes, counts = np.unique(labels, return_counts=True)  # sorted: the rng draws in fixed order
+  small = counts * fractions.min() < 1.0
+  for cls in classes[~small]:
+    cut(rng.permutation(np.flatnonzero(labels == cls)))
+  if small.any():
+    pool = np.flatnonzero(np.isin(labels, classes[small]))
+    logging.info("%d of %d classes have too few examples to split by class at fractions %s; "
+                 "their %d examples are split without stratification.", small.sum(),
+                 len(classes), np.round(fractions, 4).tolist(), len(pool))
+    cut(rng.permutation(pool))
   return [np.sort(np.concatenate(p)).astype(np.int64) for p in parts]

@@ -48,7 +48,7 @@ import collections
 import csv
 import dataclasses
 import os
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Iterator, Sequence
 
 from absl import logging
 import h5py

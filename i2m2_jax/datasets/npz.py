@@ -35,6 +35,7 @@ import os
 import zipfile
 from typing import Any, Mapping
 
+from absl import logging
 import numpy as np
 import tensorflow_datasets as tfds
 
@@ -150,6 +151,20 @@ def _load_labels(path: str) -> np.ndarray:
     return check_labels(f["label"], os.path.basename(path))
 
 
+def _num_classes_from_labels(labels: np.ndarray) -> int:
+  """max(label) + 1, saying so when some classes below it never occur (labels with gaps)."""
+  present = np.unique(labels)
+  num_classes = int(present.max()) + 1
+  if len(present) < num_classes:
+    logging.warning(
+        "train.npz: the labels use %d of the %d classes 0..%d (C = max label + 1; e.g. %s never "
+        "occur). The model has %d outputs; relabel with np.unique(labels, return_inverse=True) "
+        "for %d classes, or set config.data.num_classes.", len(present), num_classes,
+        num_classes - 1, sorted(set(range(num_classes)) - set(present.tolist()))[:5],
+        num_classes, len(present))
+  return num_classes
+
+
 def _check_file_structure(path: str, headers) -> None:
   """One file on its own: targets, >= 1 modality, equal first axes, supported dtypes."""
   name = os.path.basename(path)
@@ -255,7 +270,7 @@ def scan_folder(data_config) -> NpzLayout:
   if "label" in targets and len(targets["label"]) == 1:
     num_classes = 2  # binary labels
   elif num_classes <= 0:
-    num_classes = (int(_load_labels(files["train"]).max()) + 1 if "label" in targets
+    num_classes = (_num_classes_from_labels(_load_labels(files["train"])) if "label" in targets
                    else targets["scores"][0])
   return NpzLayout(folder=folder, files=files,
                    modalities={k: (s, d.name) for k, (s, d) in modalities.items()},
@@ -328,8 +343,10 @@ def _strata(arrays: Mapping[str, np.ndarray]) -> np.ndarray:
 class I2m2Npz(tfds.core.GeneratorBasedBuilder):
   """TFDS builder of a folder of .npz files; the knobs (layout) come in its KnobsConfig."""
   name = "i2m2_npz"
-  VERSION = tfds.core.Version("1.0.0")  # bump whenever the dtype rule or the hold-out change
-  RELEASE_NOTES = {"1.0.0": "First version."}
+  VERSION = tfds.core.Version("1.1.0")  # bump whenever the dtype rule or the hold-out change
+  RELEASE_NOTES = {"1.0.0": "First version.",
+                   "1.1.0": "Classes too small to stratify are held out without stratification; "
+                            "multilabel and soft-label targets."}
 
   # Arrays already loaded and checked by `load_npz_dataset`; read from the files when unset.
   preloaded_splits: dict[str, dict[str, np.ndarray]] | None = None
