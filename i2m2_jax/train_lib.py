@@ -108,6 +108,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   latest complete checkpoint (module docstring). `dataset` replaces load_dataset(config.data).
   Raises NonFiniteError, Preempted (after SIGTERM, once saved), and ValueError for config or data
   errors before anything is written."""
+  start_time = time.perf_counter()
   validate_config(config)
   is_main = jax.process_index() == 0
   dataset = keep_in_memory(dataset or _load_dataset_in_turn(config.data),
@@ -228,6 +229,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       "stopped_early": stopped_early or (finished and start_step < total_steps),
       "seed": int(config.seed),
       "train_examples_per_s": log.examples_per_s(),
+      "wall_s": None,  # set last: this start's time, data loading and compilation included
       "val": evaluate(best_state, "val"),
       "test": evaluate(best_state, "test"),
   }
@@ -241,6 +243,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     for m, r in results["missing_modality"].items():
       if "unavailable" not in r:
         scalars.update(_flat_metrics(f"test_without_{m}", r))
+  results["wall_s"] = round(time.perf_counter() - start_time, 2)
   writer.write_scalars(int(step), scalars)  # at the last step: one record per step
   writer.close()
   ckpt.close()
