@@ -19,7 +19,8 @@ def get_config():
   config.max_train_steps = -1
 
   config.log_every_steps = 50
-  config.eval_every_steps = -1     # <= 0: once per epoch
+  config.eval_every_steps = -1     # <= 0: once per epoch, at most every min_steps_between_evals
+  config.min_steps_between_evals = 1
   config.checkpoint_every_steps = -1  # <= 0: at every evaluation
   config.keep_checkpoints = 2      # latest N kept, plus the best on validation
   # The validation metric that picks the best checkpoint, in the task's direction (nll and ece

@@ -7,6 +7,11 @@ DIR/<model>/seed_<s> (a finished run, with its results.json, is not run again; a
 resumes from its checkpoint), then writes DIR/comparison.md (mean ± std over seeds per model and
 metric), DIR/comparison.csv and DIR/comparison.png (test accuracy), and prints the table.
 Config overrides work as in i2m2_jax.main: --config.data.inter_strength=0.5.
+
+I2M2 starts from the uni and inter runs' best checkpoints (the paper's staged recipe; those runs
+are trained first even when --models leaves them out); --i2m2_init=scratch trains it alone.
+--tune first picks each model kind's learning rate, weight decay and encoders on validation
+(experiments/tune.py's grid, DIR/tune.md) and compares the chosen runs.
 """
 import os
 import sys
@@ -24,6 +29,10 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Data set config file.
 _WORKDIR = flags.DEFINE_string("workdir", None, "Output folder.")
 _SEEDS = flags.DEFINE_integer("seeds", 3, "Number of seeds (config.seed, config.seed + 1, ...).")
 _MODELS = flags.DEFINE_list("models", None, "Only these models (e.g. intra,inter,i2m2); default all.")
+_I2M2_INIT = flags.DEFINE_enum("i2m2_init", "experts", comparison.I2M2_INITS,
+                               "experts: I2M2 starts from the uni and inter runs; scratch: alone.")
+_TUNE = flags.DEFINE_bool("tune", False, "Tune every model kind on validation first (tune.py).")
+_BUDGET = flags.DEFINE_float("tune_budget_minutes", 60.0, "With --tune: the grid's time budget.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -32,7 +41,9 @@ def main(argv):
   os.makedirs(_WORKDIR.value, exist_ok=True)
   studies.enable_compilation_cache(_WORKDIR.value)
   writers.quiet_library_logs()
-  _, table = comparison.compare(_CONFIG.value, _WORKDIR.value, _SEEDS.value, _MODELS.value)
+  _, table = comparison.compare(_CONFIG.value, _WORKDIR.value, _SEEDS.value, _MODELS.value,
+                                _I2M2_INIT.value,
+                                60 * _BUDGET.value if _TUNE.value else None)
   print(table)
   print(f"Written: {os.path.join(_WORKDIR.value, 'comparison.md')}, comparison.csv, comparison.png")
 

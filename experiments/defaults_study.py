@@ -56,6 +56,10 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Output folder.")
 _SETS = flags.DEFINE_list("sets", None, "Only these data sets (default: all of SETS).")
 _SEEDS = flags.DEFINE_integer("seeds", 1, "Seeds per model kind.")
 _SMOKE = flags.DEFINE_bool("smoke", False, "Tiny data sets and runs (seconds), for tests.")
+_I2M2_INIT = flags.DEFINE_enum("i2m2_init", "experts", comparison.I2M2_INITS,
+                               "How I2M2 is trained (experiments/recipes/comparison.py).")
+_TUNE = flags.DEFINE_bool("tune", False, "Tune each model kind on validation first (tune.py).")
+_BUDGET = flags.DEFINE_float("tune_budget_minutes", 20.0, "With --tune: the budget per set.")
 flags.mark_flags_as_required(["workdir"])
 
 MODELS = ("intra", "inter", "i2m2")
@@ -143,8 +147,10 @@ def synthetic(modalities: Mapping[str, Modality], num_classes: int, inter: float
 
 
 def _sizes(n: int) -> dict[str, int]:
-  """80/10/10 of n examples."""
-  return {"train": n - 2 * (n // 10), "val": n // 10, "test": n // 10}
+  """80/10 % of n examples for train/val, and a test split of at least 2,000 (each split is its
+  own seeded stream, so its size leaves the others unchanged): one point of accuracy is then
+  about one standard error rather than a half."""
+  return {"train": n - 2 * (n // 10), "val": n // 10, "test": max(n // 10, 2000)}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -218,7 +224,8 @@ class DataSet:
 
 def _synthetic_set(description, evidence, modalities, num_classes, inter, n, **kw):
   def make(seed, smoke):
-    return synthetic(modalities, num_classes, inter, _sizes(600 if smoke else n), seed, **kw)
+    sizes = {"train": 480, "val": 60, "test": 60} if smoke else _sizes(n)
+    return synthetic(modalities, num_classes, inter, sizes, seed, **kw)
   return DataSet(description, evidence, make)
 
 
@@ -364,7 +371,8 @@ def references(splits, smoke: bool = False) -> dict[str, float]:
 # The study
 
 
-def run_set(name: str, config, workdir: str, seeds: int, smoke: bool) -> dict | None:
+def run_set(name: str, config, workdir: str, seeds: int, smoke: bool, i2m2_init: str = "experts",
+            tune_budget_s: float | None = None) -> dict | None:
   """Writes the set, fits the references and trains our models; one row of the table."""
   dataset = SETS[name]
   reason = dataset.requires()
@@ -393,18 +401,19 @@ def run_set(name: str, config, workdir: str, seeds: int, smoke: bool) -> dict | 
   run_config.data.data_dir = os.path.join(workdir, "tfds")
   out = os.path.join(workdir, "runs", name)
   start = time.perf_counter()
-  rows, _ = comparison.compare(run_config, out, seeds, list(MODELS))
+  rows, _ = comparison.compare(run_config, out, seeds, list(MODELS), i2m2_init, tune_budget_s)
   ours = {row["model"]: row["test/accuracy"][0] for row in rows}
-  walls = {}
-  for model in MODELS:
-    results = [json.load(open(studies.run_dir(out, model, config.seed + s) + "/results.json"))
-               for s in range(seeds)]
-    walls[model] = float(np.mean([r.get("wall_s", math.nan) for r in results]))
+  walls = {}  # seconds per run (mean over seeds), every run of the set: uni ones included
+  for label in (row["model"] for row in rows):
+    results = [json.load(open(os.path.join(studies.run_dir(out, label, config.seed + s),
+                                           "results.json"))) for s in range(seeds)]
+    walls[label] = float(np.mean([r.get("wall_s", math.nan) for r in results]))
   return {"set": name, "description": dataset.description, "evidence": dataset.evidence,
           "real": dataset.real, "train_examples": len(splits["train"]["label"]),
           "modalities": len(splits["train"]) - 1, **{m: ours[m] for m in MODELS},
           **{k: v for k, v in refs.items() if k != "wall_s"}, "ref_wall_s": refs["wall_s"],
           **{f"{m}_wall_s": walls[m] for m in MODELS},
+          "uni_wall_s": sum(v for k, v in walls.items() if k.startswith("uni_")),
           "study_wall_s": time.perf_counter() - start}
 
 
@@ -427,7 +436,7 @@ def _pct(x):
 def markdown(rows) -> str:
   lines = ["| set | evidence | n train | intra | inter | i2m2 | LR per modality | LR concat | "
            "MLP concat | best ours ≥ MLP − 1 | i2m2 ≥ max(intra, inter) − 1 | i2m2 ≥ both | "
-           "wall s (intra / inter / i2m2) |",
+           "wall s: intra / inter / i2m2 (+ uni runs) |",
            "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
   for row in rows:
     c = checks(row)
@@ -439,14 +448,15 @@ def markdown(rows) -> str:
         + " | ".join(_pct(row[m]) for m in MODELS)
         + f" | {per_mod} | {_pct(row['lr_concat'])} | {_pct(row['mlp_concat'])} | "
         f"{mark('ours_vs_mlp')} | {mark('i2m2_vs_best')} | {mark('i2m2_above_both')} | "
-        + " / ".join(f"{row[f'{m}_wall_s']:.0f}" for m in MODELS) + " |")
+        + " / ".join(f"{row[f'{m}_wall_s']:.0f}" for m in MODELS)
+        + (f" (+ {row['uni_wall_s']:.0f})" if row.get("uni_wall_s") else "") + " |")
   return "\n".join(lines) + "\n"
 
 
 def write_csv(path, rows):
   fields = ["set", "evidence", "real", "train_examples", "modalities", *MODELS, "lr_concat",
             "mlp_concat", "ours_vs_mlp", "i2m2_vs_best", "i2m2_above_both",
-            *[f"{m}_wall_s" for m in MODELS], "ref_wall_s", "per_modality_lr"]
+            *[f"{m}_wall_s" for m in MODELS], "uni_wall_s", "ref_wall_s", "per_modality_lr"]
   with open(path, "w", newline="") as f:
     writer = csv.DictWriter(f, fieldnames=fields)
     writer.writeheader()
@@ -499,11 +509,14 @@ def main(argv):
   if unknown:
     raise app.UsageError(f"--sets: {unknown} unknown; expected some of {list(SETS)}.")
   start = time.perf_counter()
+  budget = 60 * _BUDGET.value if _TUNE.value else None
   rows = [row for name in names if (row := run_set(name, config, workdir, _SEEDS.value,
-                                                   _SMOKE.value))]
+                                                   _SMOKE.value, _I2M2_INIT.value, budget))]
   table = markdown(rows)
   held = sum(all(checks(r).values()) for r in rows)
-  summary = (f"# Defaults study: test accuracy (%), {_SEEDS.value} seed(s)\n\n"
+  how = (f"tuned on validation (--tune, {_BUDGET.value:g} min per set)" if _TUNE.value
+         else "the defaults") + f", I2M2 from {_I2M2_INIT.value}"
+  summary = (f"# Defaults study: test accuracy (%), {_SEEDS.value} seed(s), {how}\n\n"
              f"{held} of {len(rows)} sets meet every check. Wall times: seconds per run, data "
              f"loading and compilation included. Whole study: "
              f"{time.perf_counter() - start:.0f} s.\n\n" + table)

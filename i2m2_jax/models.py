@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import importlib
+import math
 from typing import Any, Callable, Mapping, Sequence
 
 import flax.linen as nn
@@ -32,6 +33,7 @@ UNI_PREFIX = "uni_"
 # name -> encoder class (config.model.encoders selects from it).
 ENCODERS: dict[str, Callable[..., nn.Module]] = {
     "mlp": modules.MLPEncoder,
+    "flatten": modules.FlattenEncoder,
     "gru": modules.GRUEncoder,
     "conv1d": modules.Conv1DEncoder,
     "cnn": modules.CNNEncoder,
@@ -42,8 +44,12 @@ ENCODERS: dict[str, Callable[..., nn.Module]] = {
     "mlp_raw": paper_models.MLPRawEncoder,
 }
 
-# The default encoder for a modality by the rank of one example: vector, sequence, image.
-DEFAULT_ENCODER_BY_RANK = {1: "mlp", 2: "gru", 3: "cnn"}
+# Default encoders (default_encoder): vectors, and sequences and images of at most
+# FLATTEN_MAX_SIZE numbers per example, are flattened, so that each expert is an MLP (its head)
+# on its inputs; larger sequences and images get the structured encoder of their rank.
+# Threshold measured by experiments/defaults_study.py (README "Your own data").
+FLATTEN_MAX_SIZE = 1024
+STRUCTURED_ENCODER_BY_RANK = {2: "conv1d", 3: "cnn"}
 # The per-example ranks an encoder reads (those not listed flatten any shape).
 ENCODER_RANKS = {"gru": (2,), "conv1d": (2,), "gru_linear": (2,), "gru_all_states": (2,),
                  "cnn": (3,), "lenet": (3,)}
@@ -153,13 +159,24 @@ def experts_without(layout: Mapping[str, Sequence[str]], missing: str) -> tuple[
 # Building
 
 
+def default_encoder(shape: Sequence[int]) -> str | None:
+  """The encoder of an input whose examples have this shape when config.model.encoders does not
+  name one: 'flatten' for vectors and for small sequences and images (the expert is then an MLP
+  on them: as good as a structured encoder there, and faster), the structured encoder of the
+  rank for larger ones; None for rank 4+."""
+  if len(shape) == 1 or (len(shape) in STRUCTURED_ENCODER_BY_RANK
+                         and math.prod(shape) <= FLATTEN_MAX_SIZE):
+    return "flatten"
+  return STRUCTURED_ENCODER_BY_RANK.get(len(shape))
+
+
 def _encoder_for(key: str, shape: Sequence[int], model_config, joint: bool,
                  batch_axis_name: str | None) -> nn.Module:
   """The encoder of one input: config.model.encoders[key], else the default for the example's
   rank, with config.model.encoder_kwargs[key] (for the joint expert joint_encoder_kwargs[key]
   first) as its arguments. Encoders with BatchNorm get the pmap device axis."""
   encoders = config_mapping(model_config.get("encoders"), "config.model.encoders")
-  name = encoders.get(key) or DEFAULT_ENCODER_BY_RANK.get(len(shape))
+  name = encoders.get(key) or default_encoder(shape)
   if name is None:
     raise ValueError(f"Input {key!r} has per-example shape {tuple(shape)}; no default encoder for "
                      f"rank {len(shape)}. Set --config.model.encoders={key}=NAME with NAME one of "

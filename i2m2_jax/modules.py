@@ -53,6 +53,16 @@ class MLPEncoder(nn.Module):
     return nn.relu(MLP(tuple(self.features), self.dropout_rate, name="mlp")(x, train))
 
 
+class FlattenEncoder(nn.Module):
+  """Anything [B, ...] -> [B, prod(...)]: the expert's MLP head then is a plain MLP on the
+  flattened input (and the joint expert's head an MLP on all of them concatenated)."""
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    del train
+    return x.reshape(x.shape[0], -1)
+
+
 class GRUEncoder(nn.Module):
   """Sequences [B, T, F] -> the final hidden state of a one-layer GRU [B, hidden]."""
   hidden: int = 64

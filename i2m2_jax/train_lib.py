@@ -155,7 +155,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                                config.eval_batch_size, mesh)
 
   steps_per_epoch = max(len(dataset.sources["train"]) // config.batch_size, 1)
-  eval_every = config.eval_every_steps if config.eval_every_steps > 0 else steps_per_epoch
+  eval_every = (config.eval_every_steps if config.eval_every_steps > 0 else
+                max(steps_per_epoch, config.get("min_steps_between_evals", 1)))
   ckpt_every = config.checkpoint_every_steps if config.checkpoint_every_steps > 0 else eval_every
   log = _TrainLog(task, exp.schedule, writer, total_steps, start_step, config, is_main)
   last_saved = start_step or None

@@ -30,6 +30,7 @@ def tiny_config(kind="i2m2", **overrides):
   config = default.get_config()
   config.model.kind = kind
   config.model.head_hidden = (16,)
+  config.model.encoders = "a=mlp,b=gru"  # (the defaults flatten such small inputs)
   config.model.encoder_kwargs = {"a": {"features": (16,)}, "b": {"hidden": 8}}
   config.batch_size = 16
   config.eval_batch_size = 16
