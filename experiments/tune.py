@@ -3,7 +3,8 @@ r"""Picks each model kind's learning rate, weight decay and encoders on validati
   python experiments/tune.py --config configs/npz.py --config.data.path=/data/my_task \
       --workdir runs/my_task_cmp [--models inter,i2m2] [--budget_minutes 60]
 
-Per model kind (uni per modality, intra, inter, i2m2; or --models and the runs I2M2 starts from)
+Per model kind (uni per modality, intra, inter, i2m2; or --models, and with --i2m2_init=experts the
+runs I2M2 starts from)
 a small grid (experiments/recipes/tuning.py): learning rate x weight decay x encoder family
 (sequences and images flattened, or read by a GRU/conv/CNN), the config's own values first, one
 seed, within the time budget. Each point trains in DIR/tune/<model>/<point>/seed_<s>; the best on
@@ -27,7 +28,7 @@ from i2m2_jax.datasets import load_dataset  # noqa: E402
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Data set config file.", lock_config=False)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Output folder.")
 _MODELS = flags.DEFINE_list("models", None, "Only these models (e.g. inter,i2m2); default all.")
-_I2M2_INIT = flags.DEFINE_enum("i2m2_init", "experts", comparison.I2M2_INITS,
+_I2M2_INIT = flags.DEFINE_enum("i2m2_init", comparison.I2M2_INITS[0], comparison.I2M2_INITS,
                                "experts: I2M2 starts from the chosen uni and inter runs.")
 _BUDGET = flags.DEFINE_float("budget_minutes", 60.0, "Time budget of the whole grid.")
 flags.mark_flags_as_required(["config", "workdir"])

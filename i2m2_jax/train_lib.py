@@ -230,6 +230,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       "stopped_early": stopped_early or (finished and start_step < total_steps),
       "seed": int(config.seed),
       "train_examples_per_s": log.examples_per_s(),
+      "weight_decay": optim.weight_decay(config.optimizer, len(dataset.sources["train"])),
       "wall_s": None,  # set last: this start's time, data loading and compilation included
       "val": evaluate(best_state, "val"),
       "test": evaluate(best_state, "test"),

@@ -63,7 +63,7 @@ def test_grid_starts_at_the_config_and_spans_distinct_encoder_families():
 def test_tune_chooses_on_validation_links_the_choice_and_compare_reads_it(fake_training,
                                                                         tmp_path):
   config = npz.get_config()
-  runs = comparison.model_runs(config, list(DATASET.modalities), ["i2m2"])
+  runs = comparison.model_runs(config, list(DATASET.modalities), ["i2m2"], "experts")
   assert [r.label for r in runs] == ["uni_vec", "uni_seq", "inter", "i2m2"]  # I2M2's sources
   chosen = tuning.tune(runs, str(tmp_path), DATASET, budget_s=1e6)
   for label, run in chosen.items():
