@@ -3,12 +3,17 @@
 `--config.data.path=DIR` names a folder with train.npz and test.npz (optionally val.npz; otherwise
 `val_fraction` of train is held out, stratified, seeded by `split_seed`). Each file holds `label`
 (integers 0..C-1, shape [N]; or [N, L] binary labels; or float `scores` [N, C]) and one array
-per modality under any other key: vectors [N, D] (MLP encoder), sequences [N, T, F] (GRU),
-images [N, H, W, C] (CNN); float32 or uint8. Other encoders from the command line:
-`--config.model.encoders=seq=conv1d,img=mlp` (arguments per modality in a config file,
-`config.model.encoder_kwargs.<modality>`).
+per modality under any other key: vectors [N, D], sequences [N, T, F], images [N, H, W, C];
+float32 or uint8. Encoders by shape (i2m2_jax.models.default_encoder): flattened into each
+expert's MLP head up to 1,024 numbers per example, else conv1d (sequences) or cnn (images);
+others from the command line: `--config.model.encoders=seq=gru,img=cnn` (arguments per modality
+in a config file, `config.model.encoder_kwargs.<modality>`).
 
-Length: 20 epochs of batch 128, clipped to 500..50000 steps, which suits 1k to 1M examples.
+Each model is trained to its best on validation: up to 200 epochs (2,000..30,000 steps) at a
+constant learning rate, early stopping after 10 evaluations without a gain, weight decay scaled
+to the training-set size. experiments/defaults_study.py measured these defaults on a dozen data
+sets against scikit-learn references (README "Your own data"); experiments/tune.py searches
+around them.
 
   python -m i2m2_jax.main --config configs/npz.py --workdir runs/mydata_i2m2 \\
       --config.data.path=/path/to/folder
