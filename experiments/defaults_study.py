@@ -45,7 +45,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # pylint: disable=g-import-not-at-top,wrong-import-position
 from experiments.recipes import comparison  # noqa: E402
-from i2m2_jax import report, studies, writers  # noqa: E402
+from i2m2_jax import studies  # noqa: E402
 from i2m2_jax.datasets import builder_utils  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -497,9 +497,7 @@ def chart(path, rows) -> None:
 def main(argv):
   del argv
   workdir = _WORKDIR.value
-  os.makedirs(workdir, exist_ok=True)
-  studies.enable_compilation_cache(workdir)
-  writers.quiet_library_logs()
+  studies.prepare_workdir(workdir)
   config = _CONFIG.value
   if _SMOKE.value:
     from configs import default  # pylint: disable=g-import-not-at-top

@@ -22,7 +22,7 @@ from ml_collections import config_flags
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # pylint: disable=g-import-not-at-top,wrong-import-position
 from experiments.recipes import comparison, tuning  # noqa: E402
-from i2m2_jax import studies, writers  # noqa: E402
+from i2m2_jax import studies  # noqa: E402
 from i2m2_jax.datasets import load_dataset  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Data set config file.", lock_config=False)
@@ -36,9 +36,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 def main(argv):
   del argv
-  os.makedirs(_WORKDIR.value, exist_ok=True)
-  studies.enable_compilation_cache(_WORKDIR.value)
-  writers.quiet_library_logs()
+  studies.prepare_workdir(_WORKDIR.value)
   dataset = load_dataset(_CONFIG.value.data)
   runs = comparison.model_runs(_CONFIG.value, list(dataset.modalities), _MODELS.value,
                                _I2M2_INIT.value)

@@ -1,8 +1,11 @@
 """Shared test data: a tiny two-modality data set with a learnable signal, and its config."""
+import json
+import os
+
 import numpy as np
 
 from configs import default
-from i2m2_jax import input_pipeline
+from i2m2_jax import input_pipeline, train_lib
 from i2m2_jax.datasets import Dataset
 
 NUM_CLASSES = 3
@@ -59,3 +62,22 @@ def train_batches(dataset, batch_size, n, targets=("label",)):
                                     modalities=list(dataset.modalities), targets=targets,
                                     prefetch=0)
   return [next(it) for _ in range(n)]
+
+
+def fake_training(monkeypatch, results_for, expected):
+  """Replaces train_lib.train_and_evaluate: each call checks it got the data set `expected`,
+  records (run dir relative to the cwd, seed, init_from), writes results_for(config) as
+  results.json and returns it. Returns the list of calls. For tests of the orchestration alone (studies, tuning)."""
+  calls = []
+
+  def train(cfg, directory, dataset=None):
+    assert dataset is expected
+    calls.append((os.path.relpath(directory), cfg.seed, cfg.model.init_from))
+    results = results_for(cfg)
+    os.makedirs(directory, exist_ok=True)
+    with open(os.path.join(directory, "results.json"), "w") as f:
+      json.dump(results, f)
+    return results
+
+  monkeypatch.setattr(train_lib, "train_and_evaluate", train)
+  return calls

@@ -9,8 +9,9 @@ import sys
 
 import pytest
 
+import helpers
 from configs import npz
-from i2m2_jax import studies, train_lib
+from i2m2_jax import studies
 from i2m2_jax.datasets import Dataset
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -29,21 +30,10 @@ def val_accuracy(cfg):
 
 @pytest.fixture
 def fake_training(monkeypatch):
-  calls = []
-
-  def train(cfg, directory, dataset):
-    assert dataset is DATASET
-    calls.append((os.path.relpath(directory), cfg.model.init_from))
-    results = {"model": cfg.model.kind, "seed": cfg.seed, "selection_metric": "accuracy",
-               "val": {"accuracy": val_accuracy(cfg)}, "test": {"accuracy": 0.4},
-               "best_step": 7, "wall_s": 1.0}
-    os.makedirs(directory, exist_ok=True)
-    with open(os.path.join(directory, "results.json"), "w") as f:
-      json.dump(results, f)
-    return results
-
-  monkeypatch.setattr(train_lib, "train_and_evaluate", train)
-  return calls
+  return helpers.fake_training(monkeypatch, lambda cfg: {
+      "model": cfg.model.kind, "seed": cfg.seed, "selection_metric": "accuracy",
+      "val": {"accuracy": val_accuracy(cfg)}, "test": {"accuracy": 0.4}, "best_step": 7,
+      "wall_s": 1.0}, DATASET)
 
 
 def test_grid_starts_at_the_config_and_spans_distinct_encoder_families():
@@ -75,7 +65,7 @@ def test_tune_chooses_on_validation_links_the_choice_and_compare_reads_it(fake_t
     assert os.path.islink(link) and json.loads((link / "results.json").read_text())[
         "val"]["accuracy"] == pytest.approx(0.67)
   # Every I2M2 point starts from the chosen uni and inter runs (the links).
-  i2m2_calls = [init for d, init in fake_training if "/tune/i2m2/" in d]
+  i2m2_calls = [init for d, _, init in fake_training if "/tune/i2m2/" in d]
   assert len(i2m2_calls) == len(tuning.grid(config, DATASET.modalities))
   assert all(f"joint={tmp_path / 'inter' / 'seed_0'}" in init for init in i2m2_calls)
   table = (tmp_path / "tune.md").read_text()
@@ -91,7 +81,7 @@ def test_time_budget_keeps_each_kinds_own_point(fake_training, tmp_path):
   config = npz.get_config()
   runs = comparison.model_runs(config, list(DATASET.modalities), ["inter"])
   chosen = tuning.tune(runs, str(tmp_path), DATASET, budget_s=0.0)
-  assert [d for d, _ in fake_training] == [
+  assert [d for d, _, _ in fake_training] == [
       os.path.relpath(tmp_path / "tune" / "inter" / tuning.grid(config, DATASET.modalities)[0]
                       .label() / "seed_0")]
   assert chosen["inter"].config.optimizer.learning_rate == config.optimizer.learning_rate

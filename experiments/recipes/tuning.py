@@ -39,8 +39,14 @@ class Point:
 
 
 def encoder_families(config, modalities: Mapping[str, Sequence[int]]) -> list[str]:
-  """The distinct config.model.encoders of the families, the config's own first."""
+  """The distinct config.model.encoders values to try: the config's own first, then each of
+  ENCODER_FAMILIES for the sequences and images that the config leaves to the default."""
   own = models.config_mapping(config.model.get("encoders"), "config.model.encoders")
+
+  def resolved(encoders: str) -> dict[str, str]:  # modality -> the encoder it gets
+    named = models.config_mapping(encoders, "config.model.encoders")
+    return {m: named.get(m) or models.default_encoder(s) for m, s in modalities.items()}
+
   out = [config.model.get("encoders", "")]
   for family in ENCODER_FAMILIES:
     chosen = dict(own)
@@ -49,8 +55,6 @@ def encoder_families(config, modalities: Mapping[str, Sequence[int]]) -> list[st
         chosen[m] = ("flatten" if family == "flatten"
                      else models.STRUCTURED_ENCODER_BY_RANK[len(shape)])
     value = ",".join(f"{m}={e}" for m, e in chosen.items())
-    resolved = lambda enc: {m: models.config_mapping(enc, "").get(m) or  # noqa: E731
-                            models.default_encoder(s) for m, s in modalities.items()}
     if all(resolved(value) != resolved(v) for v in out):
       out.append(value)
   return out
@@ -74,10 +78,6 @@ def point_config(config, point: Point):
   out.optimizer.weight_decay = point.weight_decay
   out.model.encoders = point.encoders
   return out
-
-
-def _value(results: Mapping[str, Any]) -> float:
-  return float(results["val"][results["selection_metric"]])
 
 
 def link_chosen(workdir: str, label: str, point_label: str, seed: int) -> None:
