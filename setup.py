@@ -29,6 +29,7 @@ setup(
         "tqdm",
         "matplotlib",
         "h5py",  # fastMRI's HDF5 volumes
+        "flatbuffers",  # jax.export's serialisation (i2m2_jax/export.py)
     ],
     extras_require={
         "test": ["pytest"],

@@ -30,6 +30,8 @@ def get_config():
   config.parallel = "jit"          # 'jit' (Mesh + NamedSharding) or 'pmap'
   # results.json: test metrics with each modality missing (product of the experts not reading it)
   config.eval_missing_modalities = True
+  # results.json: which expert decides the product's test predictions (i2m2, intra)
+  config.eval_attribution = True
 
   # What is predicted (i2m2_jax/tasks.py): '' for the data set's default, or multiclass |
   # multilabel | soft_label.
@@ -67,7 +69,10 @@ def get_config():
   # Which input keys each expert reads, 'uni_image=image,uni_text=text,joint=fused' ('+' joins
   # several keys); '' for the default: uni_<m> reads m, joint reads every modality.
   config.model.expert_inputs = ""
-  config.model.head_hidden = (128,)
+  # Each expert's head (models.HEADS): 'mlp' (Dense + ReLU per hidden width) or 'fiber' (Dense +
+  # LayerNorm + GELU per hidden width, normal(0.02) init: the paper's heads on FIBER features).
+  config.model.head = "mlp"
+  config.model.head_hidden = (128,)    # the head's hidden widths
   config.model.dropout_rate = 0.0
   # How the classifier is computed: 'plain' (the modules of i2m2_jax/modules.py) or 'fast'
   # (i2m2_jax/fast/: LeNet experts only, same function and variables, faster on CPU).

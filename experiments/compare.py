@@ -5,7 +5,10 @@ r"""Trains every model kind on one data set and seeds, and compares them.
 Runs uni (one per modality), intra, inter and i2m2 with the same data, config and seeds, each in
 DIR/<model>/seed_<s> (a finished run, with its results.json, is not run again; an unfinished one
 resumes from its checkpoint), then writes DIR/comparison.md (mean ± std over seeds per model and
-metric), DIR/comparison.csv and DIR/comparison.png (test accuracy), and prints the table.
+metric), DIR/comparison.csv and DIR/comparison.png (test accuracy), DIR/missing_modality.md (each
+model's test accuracy with each modality missing), and prints the table. With --robustness, every
+model is also evaluated with each modality corrupted at noise levels 0.0 .. 1.0 (the same noise
+for all; i2m2_jax/robustness.py): DIR/robustness.md and DIR/robustness.png.
 Config overrides work as in i2m2_jax.main: --config.data.inter_strength=0.5.
 
 I2M2 trains from a random start, as the single command does; --i2m2_init=experts starts it from
@@ -34,17 +37,26 @@ _I2M2_INIT = flags.DEFINE_enum("i2m2_init", comparison.I2M2_INITS[0], comparison
                                "scratch: I2M2 alone; experts: from the uni and inter runs.")
 _TUNE = flags.DEFINE_bool("tune", False, "Tune every model kind on validation first (tune.py).")
 _BUDGET = flags.DEFINE_float("tune_budget_minutes", 60.0, "With --tune: the grid's time budget.")
+_ROBUSTNESS = flags.DEFINE_bool("robustness", False,
+                                "Also evaluate every model with each modality corrupted at noise "
+                                "levels 0.0 .. 1.0: DIR/robustness.md and .png.")
+_KINDS = flags.DEFINE_string("robustness_kinds", "",
+                             "modality=kind,... overriding the corruption chosen by rank "
+                             "(gaussian, salt_pepper, time_drop, feature_drop).")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
 def main(argv):
   del argv
   studies.prepare_workdir(_WORKDIR.value)
-  _, table = comparison.compare(_CONFIG.value, _WORKDIR.value, _SEEDS.value, _MODELS.value,
-                                _I2M2_INIT.value,
-                                60 * _BUDGET.value if _TUNE.value else None)
+  _, table = comparison.compare(
+      _CONFIG.value, _WORKDIR.value, _SEEDS.value, _MODELS.value, i2m2_init=_I2M2_INIT.value,
+      tune_budget_s=60 * _BUDGET.value if _TUNE.value else None,
+      robustness=_ROBUSTNESS.value, robustness_kinds=_KINDS.value)
   print(table)
-  print(f"Written: {os.path.join(_WORKDIR.value, 'comparison.md')}, comparison.csv, comparison.png")
+  print(f"Written: {os.path.join(_WORKDIR.value, 'comparison.md')}, comparison.csv, "
+        f"comparison.png, missing_modality.md"
+        f"{', robustness.md, robustness.png' if _ROBUSTNESS.value else ''}")
 
 
 if __name__ == "__main__":

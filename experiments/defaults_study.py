@@ -401,7 +401,8 @@ def run_set(name: str, config, workdir: str, seeds: int, smoke: bool, i2m2_init:
   run_config.data.data_dir = os.path.join(workdir, "tfds")
   out = os.path.join(workdir, "runs", name)
   start = time.perf_counter()
-  rows, _ = comparison.compare(run_config, out, seeds, list(MODELS), i2m2_init, tune_budget_s)
+  rows, _ = comparison.compare(run_config, out, seeds, list(MODELS), i2m2_init=i2m2_init,
+                               tune_budget_s=tune_budget_s)
   ours = {row["model"]: row["test/accuracy"][0] for row in rows}
   walls = {}  # seconds per run (mean over seeds), every run of the set: uni ones included
   for label in (row["model"] for row in rows):

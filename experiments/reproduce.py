@@ -4,6 +4,8 @@ r"""Reproduces a paper benchmark end to end: every stage of its recipe for sever
       --config.data.manual_dir=/path/to/avmnist
   python experiments/reproduce.py --config configs/mimic.py:icd9_140_239 --workdir runs/icd9_1 \
       --seeds 3 --config.data.manual_dir=/path/to/folder_with_im.pk
+  python experiments/reproduce.py --config configs/vqa_vs.py --workdir runs/vqa_vs --seeds 3 \
+      --config.data.manual_dir=/path/to/vqa_vs_with_features   # also configs/nlvr2.py
 
 The benchmark's recipe (experiments/recipes/<data set>.py, found by config.data.name) names the
 stages, which experts each initialises from which other stage, the table's rows and columns and
@@ -23,9 +25,15 @@ stages) is skipped for that stage. config.model.init_from is set here, per stage
 
 Writes DIR/table.md, DIR/table.csv and DIR/table.png and prints the table: one row per model
 (the recipe's rows), the recipe's test metrics (accuracy and ECE; AUROC and AUPRC too for the
-MIMIC ICD-9 tasks) as mean ± std over seeds (std with ddof=1), the published I2M2 number beside
-ours where known (a third-party extraction of Madaan et al., NeurIPS 2024, arXiv 2405.17613, not
-verified), and the accuracy of each expert inside the product models (intra, i2m2).
+MIMIC ICD-9 tasks; VQA-VS: the VQA score on the IID test set, each OOD set and their mean) as
+mean ± std over seeds (std with ddof=1), the published I2M2 number beside ours where known (a
+third-party extraction of Madaan et al., NeurIPS 2024, arXiv 2405.17613, not verified), and the
+score of each expert inside the product models (intra, i2m2); and DIR/missing_modality.md, each
+stage's test metric with each modality missing. With --robustness every stage is also evaluated
+with each modality corrupted at noise levels 0.0 .. 1.0 (i2m2_jax/robustness.py; the corruption
+by rank, except where the recipe says otherwise, as MIMIC's tabular static features'
+feature_drop, or --robustness_kinds; the effective robustness is against the late-fusion stage,
+inter_lf or inter): DIR/robustness.md and DIR/robustness.png.
 """
 from __future__ import annotations
 
@@ -117,28 +125,22 @@ def study_runs(module, recipe: recipes.Recipe, tokens: Sequence[str],
 # The table
 
 
-def _uni_first(expert: str) -> tuple[bool, str]:
-  return expert == "joint", expert
-
-
 def table(recipe: recipes.Recipe, runs: studies.Runs, config, seeds: int) -> studies.Table:
   """The recipe's metrics, then the experts inside the product models (shown for those rows
   only: for the others the single expert is the model itself)."""
   products = [label for label, results in runs.items()
               if any(r.get("model") in PRODUCT_KINDS for r in results)]
   experts = [f"test/experts/{e}"
-             for e in sorted(studies.experts_in(runs, products), key=_uni_first)]
+             for e in sorted(studies.experts_in(runs, products), key=studies.uni_first)]
   task = config.data.get("task", "")
   title = f"{config.data.name}{f' ({task})' if task else ''}: mean ± std over {seeds} seed(s)"
   intro = (
       f"Test metrics of the checkpoint with the best validation {config.selection_metric}, in "
       f"percent. Rows: uni-modal experts alone (uni_*), their product (intra), the joint models "
       f"(inter*), and I2M2 (product of the uni-modal experts and the joint one). "
-      f"test/experts/* are the accuracies of the experts inside the product models. "
-      f"The published column is a third-party extraction of the paper (Madaan et al., NeurIPS "
-      f"2024, arXiv 2405.17613), not verified. Deviations from the reference code "
-      f"(divyam3897/I2M2: avmnist_and_mimic/): BatchNorm in eval mode at test, trained LRTF "
-      f"factors, intra tested as a product (README: Where we differ from the official code).")
+      f"test/experts/* are the scores of the experts inside the product models, each by the "
+      f"task's main metric. The published column is a third-party extraction of the paper "
+      f"(Madaan et al., NeurIPS 2024, arXiv 2405.17613), not verified. {recipe.notes}")
   return studies.Table(
       name="table", title=title, intro=intro, metrics=[*recipe.metrics, *experts],
       chart_metric=recipe.chart_metric, rows=recipe.rows,
@@ -147,8 +149,9 @@ def table(recipe: recipes.Recipe, runs: studies.Runs, config, seeds: int) -> stu
 
 
 def reproduce(config_filename: str, overrides: Mapping[str, Any], workdir: str, seeds: int,
-              fusion: str = "lf") -> str:
-  """Runs every stage and writes the table; returns the Markdown table."""
+              fusion: str = "lf", *, robustness: bool = False, robustness_kinds: str = "") -> str:
+  """Runs every stage and writes the table and DIR/missing_modality.md (with `robustness`,
+  DIR/robustness.md and .png too); returns the Markdown table."""
   overrides = stage_overrides(overrides)
   path, tokens = split_config_argument(config_filename)
   module = load_config_module(path)
@@ -156,9 +159,13 @@ def reproduce(config_filename: str, overrides: Mapping[str, Any], workdir: str, 
   recipe = recipes.for_config(config)
   os.makedirs(workdir, exist_ok=True)
   dataset = load_dataset(config.data)
-  runs = studies.run_study(study_runs(module, recipe, tokens, overrides, fusion), workdir,
-                           range(config.seed, config.seed + seeds), dataset)
+  study = study_runs(module, recipe, tokens, overrides, fusion)
+  seed_list = range(config.seed, config.seed + seeds)
+  runs = studies.run_study(study, workdir, seed_list, dataset)
   _, markdown = studies.write_table(workdir, table(recipe, runs, config, seeds), runs)
+  kinds = ",".join(k for k in (recipe.robustness_kinds, robustness_kinds) if k)  # later wins
+  studies.write_modality_reports(workdir, study, runs, seed_list, dataset, robustness=robustness,
+                                 kinds=kinds)
   return markdown
 
 
@@ -173,6 +180,10 @@ def define_flags():
   flags.DEFINE_enum("fusion", "lf", ["lf", "lrtf", "both"],
                     "AV-MNIST: the I2M2 joint expert comes from inter_lf (lf) or inter_lrtf "
                     "(lrtf), or both I2M2 variants run (both).")
+  flags.DEFINE_bool("robustness", False, "Also evaluate every stage with each modality "
+                    "corrupted at noise levels 0.0 .. 1.0: DIR/robustness.md and .png.")
+  flags.DEFINE_string("robustness_kinds", "", "modality=kind,... overriding the corruption "
+                      "chosen by rank (gaussian, salt_pepper, time_drop, feature_drop).")
   flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -182,9 +193,11 @@ def main(argv):
   FLAGS = flags.FLAGS  # pylint: disable=invalid-name
   table_text = reproduce(config_flags.get_config_filename(FLAGS["config"]),
                          config_flags.get_override_values(FLAGS["config"]), FLAGS.workdir,
-                         FLAGS.seeds, FLAGS.fusion)
+                         FLAGS.seeds, FLAGS.fusion, robustness=FLAGS.robustness,
+                         robustness_kinds=FLAGS.robustness_kinds)
   print(table_text)
-  print(f"Written: {os.path.join(FLAGS.workdir, 'table.md')}, table.csv, table.png")
+  print(f"Written: {os.path.join(FLAGS.workdir, 'table.md')}, table.csv, table.png, "
+        f"missing_modality.md{', robustness.md, robustness.png' if FLAGS.robustness else ''}")
 
 
 if __name__ == "__main__":

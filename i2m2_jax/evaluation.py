@@ -6,6 +6,9 @@ modality missing.
 adds the task's metric sums on the host and gathers the per-example outputs of rank metrics from
 every process; the task summarises them. `evaluate_without` evaluates the normalised product of
 the experts that do not read a given input, with that input replaced by zeros.
+`mean_metrics` averages the results of several test sets (e.g. VQA-VS's out-of-distribution
+sets); `evaluate_attribution` says which expert decides the product's predictions
+(`attribution`).
 """
 from __future__ import annotations
 
@@ -15,6 +18,8 @@ import jax
 from jax.sharding import Mesh
 import numpy as np
 
+from i2m2_jax import attribution
+from i2m2_jax import compile_options
 from i2m2_jax import input_pipeline
 from i2m2_jax import metrics
 from i2m2_jax import models
@@ -27,8 +32,9 @@ Layout = Mapping[str, Sequence[str]]  # expert -> the input keys it reads (model
 
 
 def evaluate(eval_fn: Callable, state, source, dataset: Dataset, task: Task, batch_size: int,
-             mesh: Mesh) -> dict[str, Any]:
-  """The task's metrics over a whole split (`eval_fn(state, batch)`: a jitted eval step)."""
+             mesh: Mesh, summarize: Callable | None = None) -> dict[str, Any]:
+  """The task's metrics over a whole split (`eval_fn(state, batch)`: a jitted eval step, called
+  once per global batch, in order). `summarize(sums, ranked)` replaces task.summarize."""
   sums, ranked = None, []
   for local in input_pipeline.eval_batches(
       source, batch_size=batch_size // jax.process_count(), process_index=jax.process_index(),
@@ -42,7 +48,20 @@ def evaluate(eval_fn: Callable, state, source, dataset: Dataset, task: Task, bat
   if ranked:
     mask = np.concatenate([r["mask"] for r in ranked]).astype(bool)
     gathered = {k: np.concatenate([r[k] for r in ranked])[mask] for k in ranked[0] if k != "mask"}
-  return task.summarize(sums, gathered)
+  return (summarize or task.summarize)(sums, gathered)
+
+
+def mean_metrics(results: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+  """The unweighted mean over test sets (name -> `evaluate`'s metrics) of every number they all
+  have, nested ones too (e.g. `experts`), except the example `count`; `splits` names them."""
+  def mean(values: Sequence[Any]) -> Any:
+    if all(isinstance(v, Mapping) for v in values):
+      common = [k for k in values[0] if k != "count" and all(k in v for v in values)]
+      return {k: m for k in common if (m := mean([v[k] for v in values])) is not None}
+    if all(isinstance(v, (int, float, np.number)) and not isinstance(v, bool) for v in values):
+      return float(np.mean(values))
+    return None
+  return {**mean(list(results.values())), "splits": list(results)}
 
 
 def _only_experts(result: Any, used: Sequence[str]) -> Any:
@@ -110,3 +129,20 @@ def evaluate_missing_modalities(state, source, dataset: Dataset, task: Task, lay
     out[missing] = evaluate_without(state, missing, source, dataset, task, layout, batch_size,
                                     mesh, preprocess=preprocess, kind=kind, eval_fn=eval_fn)
   return out
+
+
+def evaluate_attribution(state, source, dataset: Dataset, task: Task, batch_size: int,
+                         mesh: Mesh, *, preprocess) -> dict[str, Any]:
+  """Which expert decides the product's predictions over `source` (i2m2_jax/attribution.py);
+  the model needs at least two experts."""
+  repl, data = sharding.replicated(mesh), sharding.data_sharded(mesh)
+
+  def step(state, batch):
+    outputs = state.apply_fn(steps.model_variables(state.params, state.batch_stats),
+                             preprocess(batch["inputs"]), train=False)
+    return {"sums": attribution.attribution_sums(outputs, batch), "ranked": {}}
+
+  eval_fn = jax.jit(step, in_shardings=(repl, data), out_shardings={"sums": repl, "ranked": repl},
+                    compiler_options=compile_options.compiler_options(train=False))
+  return evaluate(eval_fn, state, source, dataset, task, batch_size, mesh,
+                  summarize=lambda sums, _: attribution.summarize(sums))

@@ -110,6 +110,7 @@ class Experiment:
   selection_metric: str  # the validation metric that selects the best checkpoint
   state: TrainState      # the initial state, replicated on `mesh`
   mesh: Mesh
+  stats: Stats | None = None  # the standardisation statistics preprocess uses (None: none)
 
 
 def build_experiment(config: ml_collections.ConfigDict, dataset: Dataset, *,
@@ -136,4 +137,4 @@ def build_experiment(config: ml_collections.ConfigDict, dataset: Dataset, *,
                     preprocess=make_preprocess(list(dataset.modalities), stats, dtype), tx=tx,
                     schedule=optim.learning_rate_schedule(config.optimizer, total_steps),
                     total_steps=total_steps, selection_metric=selection_metric, state=state,
-                    mesh=mesh)
+                    mesh=mesh, stats=stats)

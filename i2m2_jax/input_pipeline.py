@@ -4,7 +4,9 @@ A batch is {'inputs': {modality: np.ndarray [B_local, ...] in the stored dtype},
 target key: its array, 'mask': np.bool_ [B_local]}, where B_local is the per-process batch size
 and the targets are those the task reads ('label' as int32 [B_local] or [B_local, L], 'scores' as
 float32 [B_local, C]). A source is anything with `len` and `source[i] -> {modality: array,
-target key: value}` (a tfds data source, an `InMemorySource`, a list of dicts).
+target key: value}` (a tfds data source, an `InMemorySource`, a list of dicts). A source with
+`gather(indices, keys) -> {key: [len(indices), ...]}` reads whole batches itself and counts as
+in memory (`InMemorySource`, `datasets.features.FeatureSource`).
 
 * `train_batches`: an endless, shuffled stream built with grain, deterministic in (seed, step):
   restarting at `start_step=k` yields exactly the batches an uninterrupted run yields from step k.
@@ -79,6 +81,10 @@ class InMemorySource(Sequence):
   def __getitems__(self, indices: Sequence[int]) -> list[dict[str, Any]]:
     return [self[i] for i in indices]
 
+  def gather(self, indices: np.ndarray, keys: Sequence[str]) -> dict[str, np.ndarray]:
+    """The rows `indices` of each key's column, by fancy indexing."""
+    return {k: self.columns[k][indices] for k in keys}
+
   def __repr__(self) -> str:
     shapes = {k: (v.shape[1:], str(v.dtype)) for k, v in self.columns.items()}
     return f"InMemorySource(n={self._length}, {shapes})"
@@ -98,7 +104,7 @@ def in_memory(source, max_gb: float, name: str = "source"):
   memory a batch is one fancy-indexing copy per modality (~10x faster). max_gb <= 0 keeps the
   source as it is. Logs which way it went and why.
   """
-  if isinstance(source, InMemorySource) or max_gb <= 0 or len(source) == 0:
+  if hasattr(source, "gather") or max_gb <= 0 or len(source) == 0:
     return source
   nbytes = len(source) * example_nbytes(source[0])
   if nbytes > max_gb * 2 ** 30:
@@ -126,9 +132,8 @@ def gather_batch(source, indices: Sequence[int], modalities: Sequence[str],
                  targets: Sequence[str] = ("label",)) -> Batch:
   """The examples at `indices` as one batch with mask all True (modalities in their stored
   dtypes, targets in TARGET_DTYPES)."""
-  if isinstance(source, InMemorySource):
-    idx = np.asarray(indices, dtype=np.int64)
-    columns = {k: source.columns[k][idx] for k in (*modalities, *targets)}
+  if hasattr(source, "gather"):
+    columns = source.gather(np.asarray(indices, dtype=np.int64), (*modalities, *targets))
   else:
     examples = read_examples(source, indices)
     columns = {k: np.stack([np.asarray(ex[k]) for ex in examples]) for k in (*modalities, *targets)}
@@ -140,8 +145,8 @@ def gather_batch(source, indices: Sequence[int], modalities: Sequence[str],
 
 def read_column(source, key: str, chunk_size: int = 4096) -> np.ndarray:
   """One key of every example of `source`, stacked [N, ...] (from memory when it is there)."""
-  if isinstance(source, InMemorySource):
-    return source.columns[key]
+  if hasattr(source, "gather"):
+    return source.gather(np.arange(len(source)), (key,))[key]
   n = len(source)
   return np.stack([np.asarray(ex[key]) for start in range(0, n, chunk_size)
                    for ex in read_examples(source, range(start, min(n, start + chunk_size)))])

@@ -33,7 +33,6 @@ UNI_PREFIX = "uni_"
 # name -> encoder class (config.model.encoders selects from it).
 ENCODERS: dict[str, Callable[..., nn.Module]] = {
     "mlp": modules.MLPEncoder,
-    "flatten": modules.FlattenEncoder,
     "gru": modules.GRUEncoder,
     "conv1d": modules.Conv1DEncoder,
     "cnn": modules.CNNEncoder,
@@ -42,6 +41,17 @@ ENCODERS: dict[str, Callable[..., nn.Module]] = {
     "gru_linear": paper_models.GRUSequenceEncoder,
     "gru_all_states": functools.partial(paper_models.GRUSequenceEncoder, per_step_features=0),
     "mlp_raw": paper_models.MLPRawEncoder,
+    # The input straight to the head, flattened: precomputed features (e.g. of a frozen backbone),
+    # and the default for small inputs (default_encoder).
+    "identity": modules.IdentityEncoder,
+}
+
+# name -> head class, built as cls(features=config.model.head_hidden + (num_outputs,),
+# dropout_rate=config.model.dropout_rate) (config.model.head selects from it). Every expert's
+# head is one of these, named 'head' in its parameters.
+HEADS: dict[str, Callable[..., nn.Module]] = {
+    "mlp": modules.MLP,               # Dense + ReLU per hidden width, then Dense
+    "fiber": modules.LayerNormMLP,    # Dense + LayerNorm + GELU per hidden width, then Dense
 }
 
 # Default encoders (default_encoder): vectors, and sequences and images of at most
@@ -54,7 +64,7 @@ STRUCTURED_ENCODER_BY_RANK = {2: "conv1d", 3: "cnn"}
 ENCODER_RANKS = {"gru": (2,), "conv1d": (2,), "gru_linear": (2,), "gru_all_states": (2,),
                  "cnn": (3,), "lenet": (3,)}
 
-# name -> joint-expert class, built as cls(encoders=((key, encoder), ...), head=...,
+# name -> joint-expert class, built as cls(encoders=((key, encoder), ...), head=<a HEADS module>,
 # dropout_rate=..., **config.model.fusion_kwargs).
 FUSIONS: dict[str, Callable[..., nn.Module]] = {
     "late_fusion": modules.LateFusionExpert,
@@ -161,12 +171,12 @@ def experts_without(layout: Mapping[str, Sequence[str]], missing: str) -> tuple[
 
 def default_encoder(shape: Sequence[int]) -> str | None:
   """The encoder of an input whose examples have this shape when config.model.encoders does not
-  name one: 'flatten' for vectors and for small sequences and images (the expert is then an MLP
-  on them: as good as a structured encoder there, and faster), the structured encoder of the
-  rank for larger ones; None for rank 4+."""
+  name one: 'identity' (flattened) for vectors and for small sequences and images, so that the
+  expert is an MLP on them (as good as a structured encoder there, and faster); the structured
+  encoder of the rank for larger ones; None for rank 4+."""
   if len(shape) == 1 or (len(shape) in STRUCTURED_ENCODER_BY_RANK
                          and math.prod(shape) <= FLATTEN_MAX_SIZE):
-    return "flatten"
+    return "identity"
   return STRUCTURED_ENCODER_BY_RANK.get(len(shape))
 
 
@@ -201,11 +211,20 @@ def _encoder_for(key: str, shape: Sequence[int], model_config, joint: bool,
   return factory(**kwargs)
 
 
+def build_head(model_config, num_outputs: int) -> nn.Module:
+  """An expert's head: config.model.head ('mlp' by default) with config.model.head_hidden."""
+  name = model_config.get("head", "mlp") or "mlp"
+  if name not in HEADS:
+    raise ValueError(f"config.model.head={name!r} is unknown; expected one of {sorted(HEADS)}.")
+  return HEADS[name](features=tuple(model_config.head_hidden) + (num_outputs,),
+                     dropout_rate=model_config.get("dropout_rate", 0.0))
+
+
 def build_expert(name: str, keys: Sequence[str], modality_shapes: Mapping[str, Sequence[int]],
                  num_outputs: int, model_config, batch_axis_name: str | None = None) -> nn.Module:
   """One expert: the joint one by config.model.fusion; a uni-modal one as an encoder and a head
   (or, reading several keys, their encoders concatenated as in late fusion)."""
-  head = tuple(model_config.head_hidden) + (num_outputs,)
+  head = build_head(model_config, num_outputs)
   dropout = model_config.get("dropout_rate", 0.0)
   joint = name == JOINT
   encoders = tuple((k, _encoder_for(k, modality_shapes[k], model_config, joint, batch_axis_name))

@@ -5,7 +5,8 @@ Everything here is a pure flax.linen module, usable on its own in other JAX code
 * an *encoder* maps one modality's batch [B, ...] to features [B, F] (`__call__(x, train)`);
 * an *expert* maps the dict of all modalities to logits [B, K]: `UniModalExpert` reads one
   modality, `LateFusionExpert` (the paper's LF joint model) concatenates the features of its own
-  per-modality encoders and applies an MLP head;
+  per-modality encoders and applies a head: a module (e.g. `LayerNormMLP`, the FIBER heads of the
+  paper's VQA and NLVR2 experiments) or layer widths, which build an `MLP`;
 * `MultiModalClassifier` runs a set of named experts, shapes their logits to the task's output
   shape ([B, C], or [B, L, 2] for L binary labels) and combines them with the normalised product
   of experts over the last axis. The model kinds of the paper are choices of that set.
@@ -14,6 +15,7 @@ Everything here is a pure flax.linen module, usable on its own in other JAX code
 """
 from __future__ import annotations
 
+import functools
 from typing import Any, Mapping, Sequence
 
 import flax.linen as nn
@@ -42,6 +44,35 @@ class MLP(nn.Module):
     return x
 
 
+class LayerNormMLP(nn.Module):
+  """Dense -> LayerNorm -> GELU per hidden width, then Dense: the classifier heads the paper puts
+  on FIBER features (divyam3897/I2M2: vqa_nlvr/fiber/modules/classify.py, Linear(d, 1536) ->
+  LayerNorm -> GELU -> Linear(1536, C)), initialised as there (objectives.init_weights): weights
+  normal(0.02), biases 0, LayerNorm scale 1 and bias 0."""
+  features: Sequence[int]  # hidden widths then num_classes
+  dropout_rate: float = 0.0
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    dense = functools.partial(nn.Dense, kernel_init=nn.initializers.normal(0.02))
+    for i, width in enumerate(self.features[:-1]):
+      x = dense(width, name=f"dense_{i}")(x)
+      x = nn.gelu(nn.LayerNorm(epsilon=1e-5, name=f"layer_norm_{i}")(x), approximate=False)
+      if self.dropout_rate:
+        x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
+    return dense(self.features[-1], name=f"dense_{len(self.features) - 1}")(x)
+
+
+class IdentityEncoder(nn.Module):
+  """The input straight to the head, flattened: features computed elsewhere (e.g. by a frozen
+  backbone), or small raw inputs (the expert is then an MLP on them)."""
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    del train
+    return x.reshape(x.shape[0], -1)
+
+
 class MLPEncoder(nn.Module):
   """Vectors [B, D] (or anything, flattened) -> features: Dense + ReLU layers."""
   features: Sequence[int] = (128, 128)
@@ -51,16 +82,6 @@ class MLPEncoder(nn.Module):
   def __call__(self, x, train: bool = False):
     x = x.reshape(x.shape[0], -1)
     return nn.relu(MLP(tuple(self.features), self.dropout_rate, name="mlp")(x, train))
-
-
-class FlattenEncoder(nn.Module):
-  """Anything [B, ...] -> [B, prod(...)]: the expert's MLP head then is a plain MLP on the
-  flattened input (and the joint expert's head an MLP on all of them concatenated)."""
-
-  @nn.compact
-  def __call__(self, x, train: bool = False):
-    del train
-    return x.reshape(x.shape[0], -1)
 
 
 class GRUEncoder(nn.Module):
@@ -106,30 +127,39 @@ class CNNEncoder(nn.Module):
 
 
 class UniModalExpert(nn.Module):
-  """q(y | x_m): one modality's encoder followed by an MLP head."""
+  """q(y | x_m): one modality's encoder followed by a head (a module, or the widths of an MLP:
+  hidden widths then num_classes, with `dropout_rate`; see `apply_head`)."""
   modality: str
   encoder: nn.Module
-  head: Sequence[int]  # hidden widths then num_classes
+  head: Any
   dropout_rate: float = 0.0
 
   @nn.compact
   def __call__(self, inputs: Mapping[str, jax.Array], train: bool = False):
     features = self.encoder(inputs[self.modality], train)  # a module field: named "encoder"
-    return MLP(tuple(self.head), self.dropout_rate, name="head")(features, train)
+    return apply_head(self, features, train)
 
 
 class LateFusionExpert(nn.Module):
-  """q(y | x_1, ..., x_M): its own encoder per modality, features concatenated, MLP head (LF)."""
+  """q(y | x_1, ..., x_M): its own encoder per modality, features concatenated, head (LF)."""
   encoders: Sequence[tuple[str, nn.Module]]  # (modality, encoder) pairs, concatenated in order
-  head: Sequence[int]
+  head: Any  # a module, or MLP widths (see UniModalExpert)
   dropout_rate: float = 0.0
 
   @nn.compact
   def __call__(self, inputs: Mapping[str, jax.Array], train: bool = False):
     features = [enc.clone(name=f"encoder_{m}", parent=self)(inputs[m], train)
                 for m, enc in self.encoders]
-    return MLP(tuple(self.head), self.dropout_rate, name="head")(
-        jnp.concatenate(features, axis=-1), train)
+    return apply_head(self, jnp.concatenate(features, axis=-1), train)
+
+
+def apply_head(expert: nn.Module, features: jax.Array, train: bool) -> jax.Array:
+  """An expert's head on its features, as its child 'head': `expert.head` when it is a module,
+  else an MLP of those widths (hidden widths then num_classes) with `expert.dropout_rate`
+  between its layers. Either way an MLP head's parameters are head/dense_i."""
+  if isinstance(expert.head, nn.Module):
+    return expert.head(features, train)  # a module field: named "head"
+  return MLP(tuple(expert.head), expert.dropout_rate, name="head")(features, train)
 
 
 class MultiModalClassifier(nn.Module):

@@ -42,7 +42,7 @@ Porting choices, each checked against PyTorch semantics:
 from __future__ import annotations
 
 import math
-from typing import Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import flax.linen as nn
 import jax
@@ -304,7 +304,7 @@ class LowRankTensorFusionExpert(nn.Module):
   them unregistered, so there they stay at their random init.
   """
   encoders: Sequence[tuple[str, nn.Module]]  # (modality, encoder) pairs, in fusion order
-  head: Sequence[int]  # hidden widths then num_classes
+  head: Any  # a module, or MLP widths: hidden widths then num_classes (modules.apply_head)
   dropout_rate: float = 0.0
   rank: int = 40
   output_dim: int = 120
@@ -314,4 +314,4 @@ class LowRankTensorFusionExpert(nn.Module):
     features = [enc.clone(name=f"encoder_{m}", parent=self)(inputs[m], train)
                 for m, enc in self.encoders]
     fused = LowRankTensorFusion(self.output_dim, self.rank, name="fusion")(features)
-    return modules.MLP(tuple(self.head), self.dropout_rate, name="head")(fused, train)
+    return modules.apply_head(self, fused, train)

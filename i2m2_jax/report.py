@@ -38,31 +38,49 @@ def summarize_runs(runs: Runs, metrics: Sequence[str]) -> list[dict[str, Any]]:
   return rows
 
 
-def _percent(metric: str) -> bool:
-  return metric.split("/")[-1] in ("accuracy", "ece", "auroc", "auprc") or "/experts/" in metric
+PERCENT_METRICS = ("accuracy", "ece", "auroc", "auprc", "vqa_score", "changes_prediction",
+                   "fraction", "uni_product_accuracy")
+
+
+def is_percent(metric: str) -> bool:
+  """Whether a metric path shows in percent: accuracy-like leaves and each expert's own metric
+  ('test/experts/joint')."""
+  keys = metric.split("/")
+  return keys[-1] in PERCENT_METRICS or (len(keys) > 1 and keys[-2] == "experts")
 
 
 def format_cell(metric: str, mean: float, std: float) -> str:
   if math.isnan(mean):
     return "–"
-  if _percent(metric):
+  if is_percent(metric):
     return f"{100 * mean:.2f} ± {100 * std:.2f}"
   return f"{mean:.4f} ± {std:.4f}"
 
 
-def markdown_table(rows: Sequence[Mapping[str, Any]], metrics: Sequence[str],
-                   extra_columns: Mapping[str, Mapping[str, str]] | None = None) -> str:
-  """Accuracy-like metrics in percent. `extra_columns` adds {column: {model: text}} (e.g. the
-  paper's published numbers)."""
-  extra_columns = extra_columns or {}
-  header = ["model", "seeds", *metrics, *extra_columns]
+def format_mean(metric: str, mean: float) -> str:
+  """A value alone, as format_cell shows its mean."""
+  if math.isnan(mean):
+    return "–"
+  return f"{100 * mean:.2f}" if is_percent(metric) else f"{mean:.4f}"
+
+
+def markdown(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+  """A Markdown table of text cells."""
   lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-  for row in rows:
-    cells = [row["model"], str(row["seeds"])]
-    cells += [format_cell(m, *row[m]) for m in metrics]
-    cells += [extra_columns[c].get(row["model"], "") for c in extra_columns]
-    lines.append("| " + " | ".join(cells) + " |")
+  lines += ["| " + " | ".join(cells) + " |" for cells in rows]
   return "\n".join(lines) + "\n"
+
+
+def markdown_table(rows: Sequence[Mapping[str, Any]], metrics: Sequence[str],
+                   extra_columns: Mapping[str, Mapping[str, str]] | None = None,
+                   headers: Mapping[str, str] | None = None) -> str:
+  """Accuracy-like metrics in percent. `extra_columns` adds {column: {model: text}} (e.g. the
+  paper's published numbers); `headers` names metric columns (default: the metric's path)."""
+  extra_columns, headers = extra_columns or {}, headers or {}
+  return markdown(
+      ["model", "seeds", *(headers.get(m, m) for m in metrics), *extra_columns],
+      [[row["model"], str(row["seeds"]), *(format_cell(m, *row[m]) for m in metrics),
+        *(extra_columns[c].get(row["model"], "") for c in extra_columns)] for row in rows])
 
 
 def write_csv(path: str, rows: Sequence[Mapping[str, Any]], metrics: Sequence[str],
@@ -79,16 +97,25 @@ def write_csv(path: str, rows: Sequence[Mapping[str, Any]], metrics: Sequence[st
                       + [extra_columns[c].get(row["model"], "") for c in extra_columns])
 
 
-def bar_chart(path: str, rows: Sequence[Mapping[str, Any]], metric: str, title: str) -> None:
+def _pyplot():
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-  scale = 100.0 if _percent(metric) else 1.0
+  return plt
+
+
+I2M2_COLOR = "#c44e52"  # I2M2 stands out in red; the others take these in turn
+OTHER_COLORS = ("#4c72b0", "#dd8452", "#55a868", "#8172b3", "#937860", "#8c8c8c", "#64b5cd")
+
+
+def bar_chart(path: str, rows: Sequence[Mapping[str, Any]], metric: str, title: str) -> None:
+  plt = _pyplot()
+  scale = 100.0 if is_percent(metric) else 1.0
   means = [scale * row[metric][0] for row in rows]
   stds = [scale * row[metric][1] for row in rows]
   fig, ax = plt.subplots(figsize=(1.4 * len(rows) + 2, 4))
   bars = ax.bar([row["model"] for row in rows], means, yerr=stds, capsize=4,
-                color=["#c44e52" if row["model"] == "i2m2" else "#4c72b0" for row in rows])
+                color=[I2M2_COLOR if row["model"] == "i2m2" else OTHER_COLORS[0] for row in rows])
   ax.bar_label(bars, labels=[f"{m:.1f}" for m in means], padding=3)
   finite = [m for m in means if np.isfinite(m)]
   if finite and scale == 100.0:
@@ -97,4 +124,31 @@ def bar_chart(path: str, rows: Sequence[Mapping[str, Any]], metric: str, title: 
   ax.set_title(title)
   fig.tight_layout()
   fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
+def curves_chart(path: str, panels: Mapping[str, Mapping[str, tuple[Any, Any, Any]]], metric: str,
+                 title: str, xlabel: str) -> None:
+  """One panel per key of `panels`, each with one line per label: {panel: {label: (x, mean,
+  std)}}, the std as a band."""
+  plt = _pyplot()
+  scale = 100.0 if is_percent(metric) else 1.0
+  fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels) + 1.2, 3.4), squeeze=False,
+                           sharey=True)
+  for ax, (panel, curves) in zip(axes[0], panels.items()):
+    others = iter(OTHER_COLORS * len(curves))
+    for label, (x, mean, std) in curves.items():
+      mean, std = scale * np.asarray(mean), scale * np.asarray(std)
+      color = I2M2_COLOR if label == "i2m2" else next(others)
+      ax.plot(x, mean, marker="o", markersize=3, label=label, color=color,
+              linewidth=2.2 if label == "i2m2" else 1.4)
+      ax.fill_between(x, mean - std, mean + std, color=color, alpha=0.15)
+    ax.set_title(panel, fontsize=10)
+    ax.set_xlabel(xlabel)
+    ax.grid(alpha=0.3)
+  axes[0][0].set_ylabel(metric + (" (%)" if scale == 100.0 else ""))
+  axes[0][-1].legend(fontsize=8, loc="lower left")
+  fig.suptitle(title, fontsize=11)
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
   plt.close(fig)

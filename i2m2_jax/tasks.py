@@ -393,6 +393,8 @@ class SoftLabelTask(Task):
 # From a config and a data set
 
 TASKS = ("multiclass", "multilabel", "soft_label")
+# task name -> the metric it reports each expert by, its headline metric
+MAIN_METRICS = {t.name: t.main_metric for t in (MulticlassTask, MultilabelTask, SoftLabelTask)}
 
 
 def build_task(task_config, dataset) -> Task:

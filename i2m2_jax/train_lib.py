@@ -47,6 +47,7 @@ import numpy as np
 
 from i2m2_jax import checkpointing
 from i2m2_jax import evaluation
+from i2m2_jax import inference
 from i2m2_jax import input_pipeline
 from i2m2_jax import metrics
 from i2m2_jax import models
@@ -104,10 +105,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                        dataset: Dataset | None = None) -> dict[str, Any]:
   """Trains config.model.kind on config.data, keeps the best checkpoint on validation
   (config.selection_metric, in the task's direction) and writes `workdir/results.json`: val and
-  test metrics of that checkpoint, and test metrics with each modality missing. Resumes from the
-  latest complete checkpoint (module docstring). `dataset` replaces load_dataset(config.data).
-  Raises NonFiniteError, Preempted (after SIGTERM, once saved), and ValueError for config or data
-  errors before anything is written."""
+  test metrics of that checkpoint, test metrics with each modality missing and, for a product of
+  experts, which expert decides (`attribution`). Before training it writes what
+  `inference.load_run` needs besides the checkpoints (run_spec.json, preprocess.npz). Resumes
+  from the latest complete checkpoint (module docstring). `dataset` replaces
+  load_dataset(config.data). Raises NonFiniteError, Preempted (after SIGTERM, once saved), and
+  ValueError for config or data errors before anything is written."""
   start_time = time.perf_counter()
   validate_config(config)
   is_main = jax.process_index() == 0
@@ -136,6 +139,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   writer = writers.MetricWriter(workdir, enabled=is_main, resume_step=start_step)
   _record_start(config, workdir, start_step, meta, writer, exp.schedule,
                 len(dataset.sources["train"]), is_main)
+  if is_main:  # what inference.load_run needs besides the checkpoints (config: in their meta)
+    inference.save_run_spec(workdir, dataset, task, exp.stats)
 
   pmap = config.parallel == "pmap"
   train_fn = (steps.pmapped_train_step(task, exp.preprocess) if pmap
@@ -151,8 +156,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     state = sharding.replicate_for_pmap(state)
 
   def evaluate(state, split):
-    return evaluation.evaluate(eval_fn, state, dataset.sources[split], dataset, task,
-                               config.eval_batch_size, mesh)
+    source = (dataset.sources[split] if split in dataset.sources
+              else dataset.extra_test_splits[split])
+    return evaluation.evaluate(eval_fn, state, source, dataset, task, config.eval_batch_size, mesh)
 
   steps_per_epoch = max(len(dataset.sources["train"]) // config.batch_size, 1)
   eval_every = (config.eval_every_steps if config.eval_every_steps > 0 else
@@ -234,10 +240,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       "wall_s": None,  # set last: this start's time, data loading and compilation included
       "val": evaluate(best_state, "val"),
       "test": evaluate(best_state, "test"),
+      **{name: evaluate(best_state, name) for name in dataset.extra_test_splits},
   }
+  if dataset.extra_test_mean and dataset.extra_test_splits:
+    results[dataset.extra_test_mean] = evaluation.mean_metrics(
+        {name: results[name] for name in dataset.extra_test_splits})
   if config.model.kind == "uni":
     results["modality"] = config.model.modality
-  scalars = {**_flat_metrics("best_val", results["val"]), **_flat_metrics("test", results["test"])}
+  scalars = _flat_metrics("best_val", results["val"])
+  for name in ("test", *dataset.extra_test_splits, dataset.extra_test_mean):
+    if name in results:
+      scalars.update(_flat_metrics(name, results[name]))
   if config.get("eval_missing_modalities", True):
     results["missing_modality"] = evaluation.evaluate_missing_modalities(
         best_state, dataset.sources["test"], dataset, task, exp.layout, config.eval_batch_size,
@@ -245,6 +258,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     for m, r in results["missing_modality"].items():
       if "unavailable" not in r:
         scalars.update(_flat_metrics(f"test_without_{m}", r))
+  if config.get("eval_attribution", True) and len(exp.layout) > 1:  # a product of experts
+    results["attribution"] = evaluation.evaluate_attribution(
+        best_state, dataset.sources["test"], dataset, task, config.eval_batch_size, mesh,
+        preprocess=exp.preprocess)
   results["wall_s"] = round(time.perf_counter() - start_time, 2)
   writer.write_scalars(int(step), scalars)  # at the last step: one record per step
   writer.close()

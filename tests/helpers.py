@@ -42,6 +42,7 @@ def tiny_config(kind="i2m2", **overrides):
   config.log_every_steps = 3
   config.optimizer.learning_rate = 3e-3
   config.optimizer.schedule = "constant"
+  config.eval_attribution = False  # one more compilation per run; tested in test_attribution.py
   return apply_overrides(config, overrides)
 
 

@@ -68,11 +68,33 @@ def test_compare_writes_table_csv_and_chart(tmp_path):
       accuracies.append(result["test"]["accuracy"])
   mean = float(rows[0]["test/accuracy_mean"])
   assert mean == pytest.approx(sum(accuracies[:2]) / 2)
-  # A second invocation reads the finished runs back instead of training again.
+  # Each model's accuracy without each modality, from results.json.
+  missing = (workdir / "missing_modality.md").read_text()
+  assert "| model | seeds | all modalities | without m0 | without m1 |" in missing
+  without_m1 = [json.loads((workdir / "i2m2" / f"seed_{s}" / "results.json").read_text())
+                ["missing_modality"]["m1"]["accuracy"] for s in (0, 1)]
+  cells = {m: [c.strip() for c in missing.split(f"| {m} | 2 |")[1].split("\n")[0].split("|")]
+           for m in models}
+  assert cells["i2m2"][0].startswith(f"{100 * (accuracies[2] + accuracies[3]) / 2:.2f} ± ")
+  assert cells["i2m2"][2].startswith(f"{100 * (without_m1[0] + without_m1[1]) / 2:.2f} ± ")
+  assert cells["uni_m0"][1] == "–"  # uni on m0 cannot predict without m0
+
+  # A second invocation reads the finished runs back instead of training again; --robustness
+  # evaluates them with each modality corrupted, level 0 being the clean test accuracy.
   before = (workdir / "i2m2" / "seed_0" / "results.json").stat().st_mtime_ns
-  proc = run(args, tmp_path)
+  proc = run(args + ["--robustness"], tmp_path)
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert (workdir / "i2m2" / "seed_0" / "results.json").stat().st_mtime_ns == before
+  for model in models:
+    for seed in (0, 1):
+      curves = json.loads((workdir / model / f"seed_{seed}" / "robustness.json").read_text())
+      result = json.loads((workdir / model / f"seed_{seed}" / "results.json").read_text())
+      assert [curves["modalities"][m]["values"][0] for m in ("m0", "m1")] == [
+          result["test"]["accuracy"]] * 2
+  robust = (workdir / "robustness.md").read_text()
+  assert "## Noise on `m0` (gaussian)" in robust and "## Noise on `m1` (gaussian)" in robust
+  assert "| model | seeds | 0.0 | 0.1 |" in robust and "| i2m2 | 2 |" in robust
+  assert (workdir / "robustness.png").stat().st_size > 1000
 
 
 def test_quickstart_summarises_digits_and_every_regime(tmp_path):
@@ -93,7 +115,8 @@ def test_precision_trains_both_dtypes_and_reports_the_difference(tmp_path):
   workdir = tmp_path / "prec"
   proc = run(["experiments/precision.py", "--config", "configs/synthetic.py:smoke", "--workdir",
               str(workdir), f"--config.data.data_dir={tmp_path / 'tfds'}",
-              "--config.eval_missing_modalities=false"], tmp_path)
+              "--config.eval_missing_modalities=false", "--config.eval_attribution=false"],
+             tmp_path)
   assert proc.returncode == 0, proc.stderr[-3000:]
   results = {d: json.loads((workdir / d / "seed_0" / "results.json").read_text())
              for d in ("float32", "bfloat16")}

@@ -121,7 +121,8 @@ def test_build_model_kinds(kind, experts):
 
 
 @pytest.mark.parametrize("shape,encoder", [
-    ((5,), "flatten"), ((20, 4), "flatten"), ((12, 12, 1), "flatten"), ((32, 32, 1), "flatten"),
+    ((5,), "identity"), ((20, 4), "identity"), ((12, 12, 1), "identity"),
+    ((32, 32, 1), "identity"),
     ((200, 8), "conv1d"), ((32, 32, 3), "cnn"), ((2, 4, 4, 1), None),
 ])
 def test_default_encoder_flattens_small_inputs_and_structures_large_ones(shape, encoder):
@@ -132,7 +133,7 @@ def test_default_encoder_flattens_small_inputs_and_structures_large_ones(shape, 
         == models.STRUCTURED_ENCODER_BY_RANK[len(shape)]
 
 
-def test_flatten_expert_is_an_mlp_on_the_inputs():
+def test_default_expert_is_an_mlp_on_the_flattened_inputs():
   """uni = MLP on one flattened modality; joint = MLP on their concatenation (float64 NumPy)."""
   shapes = {"seq": (3, 2), "img": (2, 2, 1)}
   config = ml_collections.ConfigDict({"kind": "inter", "head_hidden": (4,), "dropout_rate": 0.0,

@@ -276,8 +276,9 @@ AVMNIST_STAGES = ["uni_image", "uni_audio", "inter_lf", "inter_lrtf", "intra", "
 
 def _speed_flags():
   from configs import default  # pylint: disable=g-import-not-at-top
-  return (["--config.eval_missing_modalities=False"]
-          if "eval_missing_modalities" in default.get_config() else [])
+  config = default.get_config()
+  return [f"--config.{field}=False" for field in ("eval_missing_modalities", "eval_attribution")
+          if field in config]
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,7 @@
 """What experiments/reproduce.py runs and tabulates for each of the paper's benchmarks.
 
-A benchmark's module here is named after its data set (config.data.name: avmnist.py, mimic.py)
+A benchmark's module here is named after its data set (config.data.name: avmnist.py, mimic.py,
+vqa_vs.py, nlvr2.py)
 and listed in BENCHMARKS; its `recipe(config) -> Recipe` is given the benchmark's config (e.g.
 the MIMIC task picks the table's columns and published numbers). A recipe holds what is not a
 hyper-parameter: the stage graph, which stages --fusion runs, the table's rows, metrics and
@@ -28,6 +29,13 @@ class Recipe:
   metrics: Sequence[str]
   chart_metric: str                     # one of metrics, for DIR/table.png
   published: Mapping[str, str]          # row -> the paper's number, as the table shows it
+  # What the table's intro says about the metrics and the deviations from the official code.
+  notes: str = ("Deviations from the reference code (divyam3897/I2M2: avmnist_and_mimic/): "
+                "BatchNorm in eval mode at test, trained LRTF factors, intra tested as a product "
+                "(README: Where we differ from the official code).")
+  # --robustness: corruptions other than the defaults by rank ('modality=kind,...'), before
+  # those of --robustness_kinds
+  robustness_kinds: str = ""
 
   def stages_for(self, fusion: str) -> list[str]:
     if fusion not in self.fusions:
@@ -35,7 +43,7 @@ class Recipe:
     return list(self.fusions[fusion])
 
 
-BENCHMARKS = ("avmnist", "mimic")  # data set names, each a module here
+BENCHMARKS = ("avmnist", "mimic", "vqa_vs", "nlvr2")  # data set names, each a module here
 
 
 def for_config(config) -> Recipe:

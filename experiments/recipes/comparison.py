@@ -1,5 +1,6 @@
 """Every model kind the paper compares, on one data set with the same config and seeds: the
-study of experiments/compare.py and quickstart.py (DIR/comparison.md, .csv, .png).
+study of experiments/compare.py and quickstart.py (DIR/comparison.md, .csv, .png,
+DIR/missing_modality.md, and with --robustness DIR/robustness.md and .png).
 
 I2M2 is trained from a random start (i2m2_init='scratch'), as `python -m i2m2_jax.main
 --config.model.kind=i2m2` alone does; i2m2_init='experts' trains it as the paper's AV-MNIST recipe
@@ -49,29 +50,51 @@ def model_runs(config, modalities: Sequence[str], models: Sequence[str] | None =
   return runs
 
 
+# Which expert decides (results.json's attribution), after the experts' own accuracies.
+OVERRULES = {"attribution/joint_overrules/accuracy": "accuracy where joint overrules",
+             "attribution/joint_overrules/uni_product_accuracy": "uni product's there",
+             "attribution/joint_agrees/accuracy": "accuracy where joint agrees"}
+
+
 def table(runs: studies.Runs, dataset_name: str, seeds: int) -> studies.Table:
-  """Test metrics of every model, plus each expert's test accuracy inside I2M2."""
-  experts = [f"test/experts/{e}" for e in sorted(studies.experts_in(runs, ["i2m2"]))]
+  """Test metrics of every model, each expert's test accuracy inside I2M2, and which expert
+  decides the predictions of the products (i2m2, intra)."""
+  experts = sorted(studies.experts_in(runs, ["i2m2"]), key=studies.uni_first)
+  changes = {f"attribution/experts/{e}/changes_prediction": f"{e} left out: flips"
+             for e in sorted(studies.experts_in(runs, ["i2m2", "intra"]), key=studies.uni_first)}
   return studies.Table(
       name="comparison",
       title=f"{dataset_name}: test accuracy, mean ± std over {seeds} seed(s)",
       intro="Models: uni-modal experts alone (uni_*), their product (intra), the joint "
             "late-fusion model (inter) and I2M2 (product of all). test/experts/* are the "
-            "experts inside I2M2.",
-      metrics=METRICS + experts, chart_metric="test/accuracy")
+            "experts inside I2M2. Which expert decides (i2m2_jax/attribution.py; "
+            "results.json's attribution): '<expert> left out: flips' is how often the product "
+            "without that expert predicts another class (for joint: how often the joint expert "
+            "overrules the product of the uni-modal ones); then I2M2's accuracy on the examples "
+            "where the joint expert overrules, what the uni-modal product alone gets there, and "
+            "I2M2's accuracy on the other examples.",
+      metrics=METRICS + [f"test/experts/{e}" for e in experts] + list(changes) + list(OVERRULES),
+      chart_metric="test/accuracy", headers={**changes, **OVERRULES})
 
 
-def compare(config, workdir: str, seeds: int, models: Sequence[str] | None = None,
-            i2m2_init: str = "scratch", tune_budget_s: float | None = None):
+def compare(config, workdir: str, seeds: int, models: Sequence[str] | None = None, *,
+            i2m2_init: str = "scratch", tune_budget_s: float | None = None,
+            robustness: bool = False, robustness_kinds: str = ""):
   """Trains every model kind (or those labelled in `models`) for seeds config.seed, ...,
   config.seed + seeds - 1, each in DIR/<model>/seed_<s>, and writes DIR/comparison.md, .csv and
-  .png; returns (rows, Markdown table). With tune_budget_s, each run's config is first chosen
-  on validation by tuning.tune within that budget (DIR/tune.md)."""
+  .png and DIR/missing_modality.md; with `robustness`, DIR/robustness.md and .png too (noise
+  kinds overridden by `robustness_kinds`, 'modality=kind,...'). With tune_budget_s, each run's
+  config is first chosen on validation by tuning.tune within that budget (DIR/tune.md).
+  Returns (rows, Markdown table)."""
   os.makedirs(workdir, exist_ok=True)
   dataset = load_dataset(config.data)
-  runs = model_runs(config, list(dataset.modalities), models, i2m2_init)
+  study = model_runs(config, list(dataset.modalities), models, i2m2_init)
   if tune_budget_s is not None:
-    chosen = tuning.tune(runs, workdir, dataset, tune_budget_s)
-    runs = [chosen[run.label] for run in runs]
-  results = studies.run_study(runs, workdir, range(config.seed, config.seed + seeds), dataset)
-  return studies.write_table(workdir, table(results, dataset.name, seeds), results)
+    chosen = tuning.tune(study, workdir, dataset, tune_budget_s)
+    study = [chosen[run.label] for run in study]
+  seed_list = range(config.seed, config.seed + seeds)
+  runs = studies.run_study(study, workdir, seed_list, dataset)
+  written = studies.write_table(workdir, table(runs, dataset.name, seeds), runs)
+  studies.write_modality_reports(workdir, study, runs, seed_list, dataset, robustness=robustness,
+                                 kinds=robustness_kinds)
+  return written

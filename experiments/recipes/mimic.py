@@ -21,4 +21,5 @@ def recipe(config) -> Recipe:
   return Recipe(
       stages=STAGES, fusions={"lf": list(STAGES)},  # only the late-fusion joint expert
       rows=tuple(STAGES), metrics=METRICS[task], chart_metric="test/accuracy",
-      published={"i2m2": published} if published else {})
+      published={"i2m2": published} if published else {},
+      robustness_kinds="static=feature_drop")  # tabular: MultiBench drops entries

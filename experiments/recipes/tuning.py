@@ -21,9 +21,9 @@ from i2m2_jax import models, studies, tasks
 
 LEARNING_RATE_FACTORS = (1.0, 0.3, 3.0)   # times config.optimizer.learning_rate
 WEIGHT_DECAY_FACTORS = (1.0, 0.1, 10.0)   # times config.optimizer.weight_decay
-# Encoder families: every sequence and image flattened into the MLP head, or read by the
-# structured encoder of its rank (models.STRUCTURED_ENCODER_BY_RANK); vectors keep theirs.
-ENCODER_FAMILIES = ("flatten", "structured")
+# Encoder families: every sequence and image flattened into the MLP head ('identity'), or read
+# by the structured encoder of its rank (models.STRUCTURED_ENCODER_BY_RANK); vectors keep theirs.
+ENCODER_FAMILIES = ("identity", "structured")
 METRICS = ["val/accuracy", "test/accuracy", "best_step", "wall_s"]
 
 
@@ -52,7 +52,7 @@ def encoder_families(config, modalities: Mapping[str, Sequence[int]]) -> list[st
     chosen = dict(own)
     for m, shape in modalities.items():
       if m not in own and len(shape) in models.STRUCTURED_ENCODER_BY_RANK:
-        chosen[m] = ("flatten" if family == "flatten"
+        chosen[m] = ("identity" if family == "identity"
                      else models.STRUCTURED_ENCODER_BY_RANK[len(shape)])
     value = ",".join(f"{m}={e}" for m, e in chosen.items())
     if all(resolved(value) != resolved(v) for v in out):

@@ -36,6 +36,11 @@ class Dataset:
     label_names: the names of the L labels of multilabel data ('' -> label_0, ...).
     provenance: what results.json records about where the data came from (`data.source` and a
       `fingerprint` of what was read).
+    extra_test_splits: results.json key -> random-access examples of a further test set, which
+      the trainer evaluates with the best checkpoint like 'test' (e.g. VQA-VS's
+      out-of-distribution test sets 'ood_QT', ...; NLVR2's 'balanced_test1').
+    extra_test_mean: the results.json key of the unweighted mean of the extra test sets' metrics
+      ('' for none; VQA-VS: 'ood_mean').
   """
   name: str
   modalities: Mapping[str, tuple[int, ...]]
@@ -46,6 +51,9 @@ class Dataset:
   task: str = "multiclass"
   label_names: tuple[str, ...] = ()
   provenance: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+  extra_test_splits: Mapping[str, Sequence[Mapping[str, Any]]] = dataclasses.field(
+      default_factory=dict)
+  extra_test_mean: str = ""
 
   def __post_init__(self):
     missing = [s for s in SPLITS if s not in self.sources]
@@ -55,6 +63,10 @@ class Dataset:
     for bad in RESERVED_KEYS:
       if bad in self.modalities:
         raise ValueError(f"Data set {self.name!r}: {bad!r} is reserved and cannot name a modality.")
+    extra = [*self.extra_test_splits, *([self.extra_test_mean] if self.extra_test_mean else [])]
+    if len(set(extra)) != len(extra) or set(extra) & set(SPLITS):
+      raise ValueError(f"Data set {self.name!r}: the extra test sets' names {extra} must differ "
+                       f"from each other and from {list(SPLITS)}.")
     unknown = [k for k in self.targets if k not in TARGET_KEYS]
     if unknown or not self.targets:
       raise ValueError(f"Data set {self.name!r}: targets {list(self.targets)}; expected some of "
@@ -101,4 +113,4 @@ def keep_in_memory(dataset: Dataset, max_gb: float) -> Dataset:
 
 def _import_builtin_datasets():
   # Imported lazily so that `import i2m2_jax` stays light and free of TFDS.
-  from i2m2_jax.datasets import avmnist, digits, mimic, npz, synthetic  # noqa: F401  pylint: disable=g-import-not-at-top
+  from i2m2_jax.datasets import avmnist, digits, mimic, nlvr2, npz, synthetic, vqa_vs  # noqa: F401  pylint: disable=g-import-not-at-top

@@ -275,6 +275,9 @@ def check_supported(model_config, modality_shapes: Mapping[str, Sequence[int]],
                      f"for CPUs); config.model.compute_dtype is "
                      f"{model_config.get('compute_dtype')!r}. Use implementation='plain' for "
                      f"bfloat16 compute.")
+  if (model_config.get("head", "mlp") or "mlp") != "mlp":
+    raise ValueError(f"config.model.implementation='fast' supports the 'mlp' head only; "
+                     f"config.model.head is {model_config.head!r}. Use implementation='plain'.")
   encoders = models.config_mapping(model_config.get("encoders"), "config.model.encoders")
   for m, shape in modality_shapes.items():
     name = encoders.get(m)
