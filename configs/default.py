@@ -46,8 +46,8 @@ def get_config():
   config.optimizer.name = "adamw"  # adamw | sgd | rmsprop
   config.optimizer.learning_rate = 1e-3
   config.optimizer.weight_decay = 1e-4
-  # > 0: weight_decay is for a training split of this many examples and scales with this / the
-  # split's size (a fixed prior weighs less against more data); 0: weight_decay as it is.
+  # > 0: weight_decay up to this many training examples, scaled by this / their number above
+  # (a fixed prior weighs less against more data); 0: weight_decay whatever the data.
   config.optimizer.weight_decay_examples = 0
   config.optimizer.beta1 = 0.9     # adamw
   config.optimizer.beta2 = 0.999   # adamw

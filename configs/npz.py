@@ -39,8 +39,8 @@ def get_config(arg=None):
 
   # Trained to its best on validation: a long budget cut short by early stopping (10
   # evaluations without a gain; the best checkpoint is tested), evaluated once per epoch but at
-  # most every 50 steps, at a constant learning rate, with decoupled weight decay 1.0 for 10,000
-  # training examples, scaled by 10,000 / the training examples (3.1 for 3,200, 0.25 for 40,000).
+  # most every 50 steps, at a constant learning rate, with decoupled weight decay 1.0 up to 10,000
+  # training examples, scaled by 10,000 / the training examples above (0.25 for 40,000).
   config.batch_size = 128
   config.eval_batch_size = 256
   config.num_epochs = 200.0

@@ -35,12 +35,12 @@ def learning_rate_schedule(opt: ml_collections.ConfigDict, num_train_steps: int)
 
 
 def weight_decay(opt: ml_collections.ConfigDict, num_train_examples: int | None = None) -> float:
-  """config.optimizer.weight_decay, or with weight_decay_examples > 0 that value for a training
-  split of weight_decay_examples examples, scaled by weight_decay_examples / num_train_examples:
-  like a fixed prior, it weighs less against more data (one value then suits 1k to 50k
-  examples; README "Your own data")."""
+  """config.optimizer.weight_decay; with weight_decay_examples > 0, that value for training splits
+  of up to weight_decay_examples examples, and scaled by weight_decay_examples /
+  num_train_examples for larger ones: like a fixed prior, it weighs less against more data
+  (README "Your own data": strong decay helped small noisy sets and hurt a large one)."""
   reference = opt.get("weight_decay_examples", 0)
-  if reference > 0 and num_train_examples:
+  if reference > 0 and num_train_examples and num_train_examples > reference:
     return float(opt.weight_decay) * reference / num_train_examples
   return float(opt.weight_decay)
 

@@ -20,7 +20,7 @@ from absl import logging
 from i2m2_jax import models, studies, tasks
 
 LEARNING_RATE_FACTORS = (1.0, 0.3, 3.0)   # times config.optimizer.learning_rate
-WEIGHT_DECAY_FACTORS = (1.0, 0.1, 10.0)   # times config.optimizer.weight_decay
+WEIGHT_DECAY_FACTORS = (1.0, 0.3, 3.0)    # times config.optimizer.weight_decay
 # Encoder families: every sequence and image flattened into the MLP head ('identity'), or read
 # by the structured encoder of its rank (models.STRUCTURED_ENCODER_BY_RANK); vectors keep theirs.
 ENCODER_FAMILIES = ("identity", "structured")
