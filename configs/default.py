@@ -64,6 +64,9 @@ def get_config():
   config.model.fusion_kwargs = ml_collections.ConfigDict()  # e.g. {'rank': 40} for lrtf
   # modality -> encoder name, as 'image=cnn,audio=mlp' (settable from the command line).
   config.model.encoders = ""
+  # The encoder of every modality `encoders` leaves out; '' for the default by shape
+  # (models.default_encoder: flattened when small, else conv1d / cnn).
+  config.model.default_encoder = ""
   config.model.encoder_kwargs = ml_collections.ConfigDict()  # modality -> encoder arguments
   config.model.joint_encoder_kwargs = ml_collections.ConfigDict()  # same, for the joint expert
   # Which input keys each expert reads, 'uni_image=image,uni_text=text,joint=fused' ('+' joins

@@ -23,7 +23,7 @@ def get_config(arg=None):
   config.data.name = "digits"
   config.data.split_seed = 0  # the stratified train/val/test split
 
-  config.model.encoders = "top=cnn,bottom=cnn"
+  config.model.default_encoder = "cnn"
   config.batch_size = 64
   config.eval_batch_size = 360
   config.num_epochs = 50.0

@@ -180,25 +180,32 @@ def default_encoder(shape: Sequence[int]) -> str | None:
   return STRUCTURED_ENCODER_BY_RANK.get(len(shape))
 
 
-def _encoder_for(key: str, shape: Sequence[int], model_config, joint: bool,
-                 batch_axis_name: str | None) -> nn.Module:
-  """The encoder of one input: config.model.encoders[key], else the default for the example's
-  rank, with config.model.encoder_kwargs[key] (for the joint expert joint_encoder_kwargs[key]
-  first) as its arguments. Encoders with BatchNorm get the pmap device axis."""
+def encoder_name(model_config, key: str, shape: Sequence[int]) -> str:
+  """The encoder input `key` gets: config.model.encoders[key], else config.model.default_encoder,
+  else default_encoder(shape); checked against the registry and the example's rank."""
   encoders = config_mapping(model_config.get("encoders"), "config.model.encoders")
-  name = encoders.get(key) or default_encoder(shape)
+  field = "config.model.encoders" if key in encoders else "config.model.default_encoder"
+  name = encoders.get(key) or model_config.get("default_encoder") or default_encoder(shape)
   if name is None:
     raise ValueError(f"Input {key!r} has per-example shape {tuple(shape)}; no default encoder for "
                      f"rank {len(shape)}. Set --config.model.encoders={key}=NAME with NAME one of "
                      f"{sorted(ENCODERS)} (e.g. 'mlp' flattens any shape).")
   if name not in ENCODERS:
-    raise ValueError(f"config.model.encoders: {key}={name!r} is unknown; expected one of "
-                     f"{sorted(ENCODERS)}.")
+    raise ValueError(f"{field}: {key}={name!r} is unknown; expected one of {sorted(ENCODERS)}.")
   if len(shape) not in ENCODER_RANKS.get(name, (len(shape),)):
     fits = sorted(n for n in ENCODERS if len(shape) in ENCODER_RANKS.get(n, (len(shape),)))
-    raise ValueError(f"config.model.encoders: {key}={name!r} reads examples of rank "
+    raise ValueError(f"{field}: {key}={name!r} reads examples of rank "
                      f"{ENCODER_RANKS[name]}, but input {key!r} has per-example shape "
                      f"{tuple(shape)}; encoders for it: {fits} (mlp flattens any shape).")
+  return name
+
+
+def _encoder_for(key: str, shape: Sequence[int], model_config, joint: bool,
+                 batch_axis_name: str | None) -> nn.Module:
+  """The encoder of one input (encoder_name), with config.model.encoder_kwargs[key] (for the
+  joint expert joint_encoder_kwargs[key] first) as its arguments. Encoders with BatchNorm get
+  the pmap device axis."""
+  name = encoder_name(model_config, key, shape)
   kwargs = config_mapping(model_config.get("encoder_kwargs"), "config.model.encoder_kwargs").get(key)
   if joint:
     kwargs = config_mapping(model_config.get("joint_encoder_kwargs"),

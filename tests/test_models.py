@@ -133,6 +133,20 @@ def test_default_encoder_flattens_small_inputs_and_structures_large_ones(shape, 
         == models.STRUCTURED_ENCODER_BY_RANK[len(shape)]
 
 
+def test_default_encoder_field_sets_the_modalities_encoders_leaves_out():
+  config = config_for("inter")
+  config.default_encoder, config.encoders = "mlp", "seq=gru"
+  model = models.build_model(config, SHAPES, 4)
+  joint = model.init(jax.random.key(0), {m: jnp.ones((B,) + s) for m, s in SHAPES.items()})[
+      "params"]["joint"]
+  assert "gru" in joint["encoder_seq"]
+  assert all("mlp" in joint[f"encoder_{m}"] for m in ("vec", "img", "vec2"))
+  config.default_encoder = "gru"  # cannot read vectors: the error names the field
+  with pytest.raises(ValueError, match=r"config.model.default_encoder: vec='gru' reads examples "
+                                       r"of rank \(2,\)"):
+    models.build_model(config, SHAPES, 4)
+
+
 def test_default_expert_is_an_mlp_on_the_flattened_inputs():
   """uni = MLP on one flattened modality; joint = MLP on their concatenation (float64 NumPy)."""
   shapes = {"seq": (3, 2), "img": (2, 2, 1)}

@@ -40,12 +40,13 @@ class Point:
 
 def encoder_families(config, modalities: Mapping[str, Sequence[int]]) -> list[str]:
   """The distinct config.model.encoders values to try: the config's own first, then each of
-  ENCODER_FAMILIES for the sequences and images that the config leaves to the default."""
+  ENCODER_FAMILIES for the sequences and images that config.model.encoders leaves out."""
   own = models.config_mapping(config.model.get("encoders"), "config.model.encoders")
 
   def resolved(encoders: str) -> dict[str, str]:  # modality -> the encoder it gets
-    named = models.config_mapping(encoders, "config.model.encoders")
-    return {m: named.get(m) or models.default_encoder(s) for m, s in modalities.items()}
+    model = config.model.copy_and_resolve_references()
+    model.encoders = encoders
+    return {m: models.encoder_name(model, m, s) for m, s in modalities.items()}
 
   out = [config.model.get("encoders", "")]
   for family in ENCODER_FAMILIES:
