@@ -19,7 +19,8 @@ def get_config():
   config.max_train_steps = -1
 
   config.log_every_steps = 50
-  config.eval_every_steps = -1     # <= 0: once per epoch
+  config.eval_every_steps = -1     # <= 0: once per epoch, at most every min_steps_between_evals
+  config.min_steps_between_evals = 1
   config.checkpoint_every_steps = -1  # <= 0: at every evaluation
   config.keep_checkpoints = 2      # latest N kept, plus the best on validation
   # The validation metric that picks the best checkpoint, in the task's direction (nll and ece
@@ -50,6 +51,9 @@ def get_config():
   config.optimizer.name = "adamw"  # adamw | sgd | rmsprop
   config.optimizer.learning_rate = 1e-3
   config.optimizer.weight_decay = 1e-4
+  # > 0: weight_decay up to this many training examples, scaled by this / their number above
+  # (a fixed prior weighs less against more data); 0: weight_decay whatever the data.
+  config.optimizer.weight_decay_examples = 0
   config.optimizer.beta1 = 0.9     # adamw
   config.optimizer.beta2 = 0.999   # adamw
   config.optimizer.eps = 1e-8      # adamw
@@ -65,6 +69,9 @@ def get_config():
   config.model.fusion_kwargs = ml_collections.ConfigDict()  # e.g. {'rank': 40} for lrtf
   # modality -> encoder name, as 'image=cnn,audio=mlp' (settable from the command line).
   config.model.encoders = ""
+  # The encoder of every modality `encoders` leaves out; '' for the default by shape
+  # (models.default_encoder: flattened when small, else conv1d / cnn).
+  config.model.default_encoder = ""
   config.model.encoder_kwargs = ml_collections.ConfigDict()  # modality -> encoder arguments
   config.model.joint_encoder_kwargs = ml_collections.ConfigDict()  # same, for the joint expert
   # Which input keys each expert reads, 'uni_image=image,uni_text=text,joint=fused' ('+' joins

@@ -3,12 +3,17 @@
 `--config.data.path=DIR` names a folder with train.npz and test.npz (optionally val.npz; otherwise
 `val_fraction` of train is held out, stratified, seeded by `split_seed`). Each file holds `label`
 (integers 0..C-1, shape [N]; or [N, L] binary labels; or float `scores` [N, C]) and one array
-per modality under any other key: vectors [N, D] (MLP encoder), sequences [N, T, F] (GRU),
-images [N, H, W, C] (CNN); float32 or uint8. Other encoders from the command line:
-`--config.model.encoders=seq=conv1d,img=mlp` (arguments per modality in a config file,
-`config.model.encoder_kwargs.<modality>`).
+per modality under any other key: vectors [N, D], sequences [N, T, F], images [N, H, W, C];
+float32 or uint8. Encoders by shape (i2m2_jax.models.default_encoder): flattened into each
+expert's MLP head up to 1,024 numbers per example, else conv1d (sequences) or cnn (images);
+others from the command line: `--config.model.encoders=seq=gru,img=cnn` (arguments per modality
+in a config file, `config.model.encoder_kwargs.<modality>`).
 
-Length: 20 epochs of batch 128, clipped to 500..50000 steps, which suits 1k to 1M examples.
+Each model is trained to its best on validation: up to 200 epochs (2,000..30,000 steps) at a
+constant learning rate, early stopping after 10 evaluations without a gain, weight decay scaled
+to the training-set size. experiments/defaults_study.py measured these defaults on a dozen data
+sets against scikit-learn references (README "Your own data"); experiments/tune.py searches
+around them.
 
   python -m i2m2_jax.main --config configs/npz.py --workdir runs/mydata_i2m2 \\
       --config.data.path=/path/to/folder
@@ -32,15 +37,23 @@ def get_config(arg=None):
   config.data.num_classes = -1    # <= 0: max(train label) + 1
   config.data.label_names = ""    # multilabel: names of the L labels, 'a,b,c'
 
+  # Trained to its best on validation: a long budget cut short by early stopping (10
+  # evaluations without a gain; the best checkpoint is tested), evaluated once per epoch but at
+  # most every 50 steps, at a constant learning rate, with decoupled weight decay 1.0 up to 10,000
+  # training examples, scaled by 10,000 / the training examples above (0.25 for 40,000).
   config.batch_size = 128
   config.eval_batch_size = 256
-  config.num_epochs = 20.0
-  config.min_train_steps = 500
-  config.max_train_steps = 50000
+  config.num_epochs = 200.0
+  config.min_train_steps = 2000
+  config.max_train_steps = 30000
+  config.min_steps_between_evals = 50
+  config.early_stopping_patience = 10
   config.log_every_steps = 100
   config.optimizer.name = "adamw"
   config.optimizer.learning_rate = 1e-3
-  config.optimizer.schedule = "cosine"
+  config.optimizer.schedule = "constant"
+  config.optimizer.weight_decay = 1.0
+  config.optimizer.weight_decay_examples = 10000
 
   if arg == "smoke":
     default.shrink_for_smoke(config)

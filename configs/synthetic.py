@@ -40,6 +40,7 @@ def get_config(arg=None):
   config.data.num_test = 1000
   config.data.data_seed = 0
 
+  config.model.default_encoder = "mlp"  # (the default would feed the vectors to the heads)
   config.batch_size = 128
   config.eval_batch_size = 500
   config.num_epochs = 30.0

@@ -128,7 +128,7 @@ def build_experiment(config: ml_collections.ConfigDict, dataset: Dataset, *,
   model = models.build_model(config.model, dataset.modalities, task.output_shape,
                              batch_axis_name=pmap_axis)
   total_steps = num_train_steps(config, len(dataset.sources["train"]))
-  tx = optim.create_optimizer(config.optimizer, total_steps)
+  tx = optim.create_optimizer(config.optimizer, total_steps, len(dataset.sources["train"]))
   dtype = models.compute_dtype(config.model)
   if isinstance(stats, str):
     stats = standardization_stats(config, dataset)

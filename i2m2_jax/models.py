@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import importlib
+import math
 from typing import Any, Callable, Mapping, Sequence
 
 import flax.linen as nn
@@ -42,7 +43,8 @@ ENCODERS: dict[str, Callable[..., nn.Module]] = {
     "mlp_raw": paper_models.MLPRawEncoder,
     # fastMRI knee: PreActResNet-18 (widths, blocks and pooled size are its arguments).
     "preactresnet18": paper_models.PreActResNet,
-    # Precomputed features (e.g. of a frozen backbone) straight to the head, flattened.
+    # The input straight to the head, flattened: precomputed features (e.g. of a frozen backbone),
+    # and the default for small inputs (default_encoder).
     "identity": modules.IdentityEncoder,
 }
 
@@ -54,11 +56,15 @@ HEADS: dict[str, Callable[..., nn.Module]] = {
     "fiber": modules.LayerNormMLP,    # Dense + LayerNorm + GELU per hidden width, then Dense
 }
 
-# The default encoder for a modality by the rank of one example: vector, sequence, image.
-DEFAULT_ENCODER_BY_RANK = {1: "mlp", 2: "gru", 3: "cnn"}
+# Default encoders (default_encoder): vectors, and sequences and images of at most
+# FLATTEN_MAX_SIZE numbers per example, are flattened, so that each expert is an MLP (its head)
+# on its inputs; larger sequences and images get the structured encoder of their rank.
+# Threshold measured by experiments/defaults_study.py (README "Your own data").
+FLATTEN_MAX_SIZE = 1024
+STRUCTURED_ENCODER_BY_RANK = {2: "conv1d", 3: "cnn"}
 # The per-example ranks an encoder reads (those not listed flatten any shape).
 ENCODER_RANKS = {"gru": (2,), "conv1d": (2,), "gru_linear": (2,), "gru_all_states": (2,),
-                 "cnn": (3,), "lenet": (3,)}
+                 "cnn": (3,), "lenet": (3,), "preactresnet18": (3,)}
 
 # name -> joint-expert class, built as cls(encoders=((key, encoder), ...), head=<a HEADS module>,
 # dropout_rate=..., **config.model.fusion_kwargs).
@@ -167,25 +173,43 @@ def experts_without(layout: Mapping[str, Sequence[str]], missing: str) -> tuple[
 # Building
 
 
-def _encoder_for(key: str, shape: Sequence[int], model_config, joint: bool,
-                 batch_axis_name: str | None) -> nn.Module:
-  """The encoder of one input: config.model.encoders[key], else the default for the example's
-  rank, with config.model.encoder_kwargs[key] (for the joint expert joint_encoder_kwargs[key]
-  first) as its arguments. Encoders with BatchNorm get the pmap device axis."""
+def default_encoder(shape: Sequence[int]) -> str | None:
+  """The encoder of an input whose examples have this shape when config.model.encoders does not
+  name one: 'identity' (flattened) for vectors and for small sequences and images, so that the
+  expert is an MLP on them (as good as a structured encoder there, and faster); the structured
+  encoder of the rank for larger ones; None for rank 4+."""
+  if len(shape) == 1 or (len(shape) in STRUCTURED_ENCODER_BY_RANK
+                         and math.prod(shape) <= FLATTEN_MAX_SIZE):
+    return "identity"
+  return STRUCTURED_ENCODER_BY_RANK.get(len(shape))
+
+
+def encoder_name(model_config, key: str, shape: Sequence[int]) -> str:
+  """The encoder input `key` gets: config.model.encoders[key], else config.model.default_encoder,
+  else default_encoder(shape); checked against the registry and the example's rank."""
   encoders = config_mapping(model_config.get("encoders"), "config.model.encoders")
-  name = encoders.get(key) or DEFAULT_ENCODER_BY_RANK.get(len(shape))
+  field = "config.model.encoders" if key in encoders else "config.model.default_encoder"
+  name = encoders.get(key) or model_config.get("default_encoder") or default_encoder(shape)
   if name is None:
     raise ValueError(f"Input {key!r} has per-example shape {tuple(shape)}; no default encoder for "
                      f"rank {len(shape)}. Set --config.model.encoders={key}=NAME with NAME one of "
                      f"{sorted(ENCODERS)} (e.g. 'mlp' flattens any shape).")
   if name not in ENCODERS:
-    raise ValueError(f"config.model.encoders: {key}={name!r} is unknown; expected one of "
-                     f"{sorted(ENCODERS)}.")
+    raise ValueError(f"{field}: {key}={name!r} is unknown; expected one of {sorted(ENCODERS)}.")
   if len(shape) not in ENCODER_RANKS.get(name, (len(shape),)):
     fits = sorted(n for n in ENCODERS if len(shape) in ENCODER_RANKS.get(n, (len(shape),)))
-    raise ValueError(f"config.model.encoders: {key}={name!r} reads examples of rank "
+    raise ValueError(f"{field}: {key}={name!r} reads examples of rank "
                      f"{ENCODER_RANKS[name]}, but input {key!r} has per-example shape "
                      f"{tuple(shape)}; encoders for it: {fits} (mlp flattens any shape).")
+  return name
+
+
+def _encoder_for(key: str, shape: Sequence[int], model_config, joint: bool,
+                 batch_axis_name: str | None) -> nn.Module:
+  """The encoder of one input (encoder_name), with config.model.encoder_kwargs[key] (for the
+  joint expert joint_encoder_kwargs[key] first) as its arguments. Encoders with BatchNorm get
+  the pmap device axis."""
+  name = encoder_name(model_config, key, shape)
   kwargs = config_mapping(model_config.get("encoder_kwargs"), "config.model.encoder_kwargs").get(key)
   if joint:
     kwargs = config_mapping(model_config.get("joint_encoder_kwargs"),

@@ -65,7 +65,8 @@ class LayerNormMLP(nn.Module):
 
 
 class IdentityEncoder(nn.Module):
-  """Features computed elsewhere (e.g. by a frozen backbone) straight to the head, flattened."""
+  """The input straight to the head, flattened: features computed elsewhere (e.g. by a frozen
+  backbone), or small raw inputs (the expert is then an MLP on them)."""
 
   @nn.compact
   def __call__(self, x, train: bool = False):

@@ -34,18 +34,32 @@ def learning_rate_schedule(opt: ml_collections.ConfigDict, num_train_steps: int)
                    f"{list(SCHEDULES)}.")
 
 
-def create_optimizer(opt: ml_collections.ConfigDict, num_train_steps: int) -> optax.GradientTransformation:
-  """Gradient clipping by global norm over all experts, then the optimiser (module docstring)."""
+def weight_decay(opt: ml_collections.ConfigDict, num_train_examples: int | None = None) -> float:
+  """config.optimizer.weight_decay; with weight_decay_examples > 0, that value for training splits
+  of up to weight_decay_examples examples, and scaled by weight_decay_examples /
+  num_train_examples for larger ones: like a fixed prior, it weighs less against more data
+  (README "Your own data": strong decay helped small noisy sets and hurt a large one)."""
+  reference = opt.get("weight_decay_examples", 0)
+  if reference > 0 and num_train_examples and num_train_examples > reference:
+    return float(opt.weight_decay) * reference / num_train_examples
+  return float(opt.weight_decay)
+
+
+def create_optimizer(opt: ml_collections.ConfigDict, num_train_steps: int,
+                     num_train_examples: int | None = None) -> optax.GradientTransformation:
+  """Gradient clipping by global norm over all experts, then the optimiser (module docstring),
+  with weight_decay(opt, num_train_examples)."""
   schedule = learning_rate_schedule(opt, num_train_steps)
+  decay = weight_decay(opt, num_train_examples)
   chain = []
   if opt.grad_clip_norm > 0:
     chain.append(clip_by_global_norm(opt.grad_clip_norm))
   if opt.name == "adamw":
     chain.append(optax.adamw(schedule, b1=opt.get("beta1", 0.9), b2=opt.get("beta2", 0.999),
-                             eps=opt.get("eps", 1e-8), weight_decay=opt.weight_decay))
+                             eps=opt.get("eps", 1e-8), weight_decay=decay))
   elif opt.name in ("sgd", "rmsprop"):
-    if opt.weight_decay:
-      chain.append(optax.add_decayed_weights(opt.weight_decay))
+    if decay:
+      chain.append(optax.add_decayed_weights(decay))
     if opt.name == "sgd":
       chain.append(optax.sgd(schedule, momentum=opt.momentum or None))
     else:  # PyTorch's RMSprop defaults

@@ -30,7 +30,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from i2m2_jax import inference, input_pipeline, report, robustness, tasks, train_lib
+from i2m2_jax import inference, input_pipeline, report, robustness, tasks, train_lib, writers
 
 Runs = report.Runs  # label -> the results.json of each seed
 
@@ -72,6 +72,13 @@ def enable_compilation_cache(workdir: str) -> None:
   if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
     jax.config.update("jax_compilation_cache_dir", os.path.join(workdir, ".xla_cache"))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+
+
+def prepare_workdir(workdir: str) -> None:
+  """What every study script does first: the folder, the compilation cache, quiet logs."""
+  os.makedirs(workdir, exist_ok=True)
+  enable_compilation_cache(workdir)
+  writers.quiet_library_logs()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -111,6 +111,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   from the latest complete checkpoint (module docstring). `dataset` replaces
   load_dataset(config.data). Raises NonFiniteError, Preempted (after SIGTERM, once saved), and
   ValueError for config or data errors before anything is written."""
+  start_time = time.perf_counter()
   validate_config(config)
   is_main = jax.process_index() == 0
   dataset = keep_in_memory(dataset or _load_dataset_in_turn(config.data),
@@ -161,7 +162,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                                reference)
 
   steps_per_epoch = max(len(dataset.sources["train"]) // config.batch_size, 1)
-  eval_every = config.eval_every_steps if config.eval_every_steps > 0 else steps_per_epoch
+  eval_every = (config.eval_every_steps if config.eval_every_steps > 0 else
+                max(steps_per_epoch, config.get("min_steps_between_evals", 1)))
   ckpt_every = config.checkpoint_every_steps if config.checkpoint_every_steps > 0 else eval_every
   log = _TrainLog(task, exp.schedule, writer, total_steps, start_step, config, is_main)
   last_saved = start_step or None
@@ -236,6 +238,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       "stopped_early": stopped_early or (finished and start_step < total_steps),
       "seed": int(config.seed),
       "train_examples_per_s": log.examples_per_s(),
+      "weight_decay": optim.weight_decay(config.optimizer, len(dataset.sources["train"])),
+      "wall_s": None,  # set last: this start's time, data loading and compilation included
       "val": val,
       "test": evaluate(best_state, "test", reference=val),  # at val's choices (operating points)
       **{name: evaluate(best_state, name, reference=val) for name in dataset.extra_test_splits},
@@ -260,6 +264,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     results["attribution"] = evaluation.evaluate_attribution(
         best_state, dataset.sources["test"], dataset, task, config.eval_batch_size, mesh,
         preprocess=exp.preprocess)
+  results["wall_s"] = round(time.perf_counter() - start_time, 2)
   writer.write_scalars(int(step), scalars)  # at the last step: one record per step
   writer.close()
   ckpt.close()

@@ -1,5 +1,6 @@
 """Shared test data: a tiny two-modality data set with a learnable signal, and its config."""
 import importlib
+import json
 import os
 import sys
 
@@ -7,7 +8,7 @@ from absl import flags
 import numpy as np
 
 from configs import default
-from i2m2_jax import input_pipeline
+from i2m2_jax import input_pipeline, train_lib
 from i2m2_jax.datasets import Dataset
 
 NUM_CLASSES = 3
@@ -37,6 +38,7 @@ def tiny_config(kind="i2m2", **overrides):
   config = default.get_config()
   config.model.kind = kind
   config.model.head_hidden = (16,)
+  config.model.encoders = "a=mlp,b=gru"  # (the defaults flatten such small inputs)
   config.model.encoder_kwargs = {"a": {"features": (16,)}, "b": {"hidden": 8}}
   config.batch_size = 16
   config.eval_batch_size = 16
@@ -84,3 +86,22 @@ def import_experiment(name):
     if flag.name in flags.FLAGS:
       delattr(flags.FLAGS, flag.name)
   return module
+
+
+def fake_training(monkeypatch, results_for, expected):
+  """Replaces train_lib.train_and_evaluate: each call checks it got the data set `expected`,
+  records (run dir relative to the cwd, seed, init_from), writes results_for(config) as
+  results.json and returns it. Returns the list of calls. For tests of the orchestration alone (studies, tuning)."""
+  calls = []
+
+  def train(cfg, directory, dataset=None):
+    assert dataset is expected
+    calls.append((os.path.relpath(directory), cfg.seed, cfg.model.init_from))
+    results = results_for(cfg)
+    os.makedirs(directory, exist_ok=True)
+    with open(os.path.join(directory, "results.json"), "w") as f:
+      json.dump(results, f)
+    return results
+
+  monkeypatch.setattr(train_lib, "train_and_evaluate", train)
+  return calls

@@ -115,10 +115,52 @@ def test_build_model_kinds(kind, experts):
   variables, out = init_apply(model, inputs)
   assert list(variables["params"]) == experts
   assert out["log_probs"].shape == (B, 4)
-  # Default encoders by rank: MLP for vectors, GRU for sequences, CNN for images.
-  if "joint" in experts:
-    joint = variables["params"]["joint"]
-    assert "gru" in joint["encoder_seq"] and "conv_0" in joint["encoder_img"]
+  # Default encoders: these small inputs are flattened, so each expert is its MLP head.
+  for name in experts:
+    assert set(variables["params"][name]) == {"head"}
+
+
+@pytest.mark.parametrize("shape,encoder", [
+    ((5,), "identity"), ((20, 4), "identity"), ((12, 12, 1), "identity"),
+    ((32, 32, 1), "identity"),
+    ((200, 8), "conv1d"), ((32, 32, 3), "cnn"), ((2, 4, 4, 1), None),
+])
+def test_default_encoder_flattens_small_inputs_and_structures_large_ones(shape, encoder):
+  assert models.default_encoder(shape) == encoder
+  # The size threshold is the one place deciding: just above it, a structured encoder.
+  if len(shape) in (2, 3):
+    assert models.default_encoder((models.FLATTEN_MAX_SIZE + 1,) + (1,) * (len(shape) - 1)) \
+        == models.STRUCTURED_ENCODER_BY_RANK[len(shape)]
+
+
+def test_default_encoder_field_sets_the_modalities_encoders_leaves_out():
+  config = config_for("inter")
+  config.default_encoder, config.encoders = "mlp", "seq=gru"
+  model = models.build_model(config, SHAPES, 4)
+  joint = model.init(jax.random.key(0), {m: jnp.ones((B,) + s) for m, s in SHAPES.items()})[
+      "params"]["joint"]
+  assert "gru" in joint["encoder_seq"]
+  assert all("mlp" in joint[f"encoder_{m}"] for m in ("vec", "img", "vec2"))
+  config.default_encoder = "gru"  # cannot read vectors: the error names the field
+  with pytest.raises(ValueError, match=r"config.model.default_encoder: vec='gru' reads examples "
+                                       r"of rank \(2,\)"):
+    models.build_model(config, SHAPES, 4)
+
+
+def test_default_expert_is_an_mlp_on_the_flattened_inputs():
+  """uni = MLP on one flattened modality; joint = MLP on their concatenation (float64 NumPy)."""
+  shapes = {"seq": (3, 2), "img": (2, 2, 1)}
+  config = ml_collections.ConfigDict({"kind": "inter", "head_hidden": (4,), "dropout_rate": 0.0,
+                                      "encoders": "", "encoder_kwargs": {}})
+  model = models.build_model(config, shapes, 3)
+  inputs = {m: jax.random.normal(jax.random.key(i), (B,) + s) for i, (m, s) in
+            enumerate(shapes.items())}
+  variables, out = init_apply(model, inputs)
+  head = variables["params"]["joint"]["head"]
+  x = np.concatenate([np.asarray(inputs[m], np.float64).reshape(B, -1) for m in shapes], 1)
+  w = lambda i, k: np.asarray(head[f"dense_{i}"][k], np.float64)  # noqa: E731
+  logits = np.maximum(x @ w(0, "kernel") + w(0, "bias"), 0) @ w(1, "kernel") + w(1, "bias")
+  np.testing.assert_allclose(out["expert_logits"]["joint"], logits, rtol=1e-5, atol=1e-5)
 
 
 def test_i2m2_parameters_are_the_sum_of_its_experts():
@@ -179,6 +221,7 @@ def test_expert_layout_is_the_one_place_that_says_what_each_expert_reads():
 def test_experts_reading_several_keys_and_label_shaped_outputs():
   config = config_for("i2m2")
   config.expert_inputs = "uni_img=i0+i1,uni_txt=t,joint=i0+i1+t"
+  config.encoders = "t=mlp,i0=mlp,i1=mlp"  # with parameters, to see one encoder per key
   shapes = {"t": (4,), "i0": (3,), "i1": (5,)}
   model = models.build_model(config, shapes, (3, 2))  # 3 binary labels
   inputs = {m: jax.random.normal(jax.random.key(i), (B,) + s) for i, (m, s) in enumerate(shapes.items())}

@@ -168,3 +168,20 @@ def test_non_finite_flags_are_exact():
     hit["x"]["k"] = hit["x"]["k"].at[1, 0, 2].set(bad)
     assert float(optim.any_nonfinite(hit)) == 1.0
     assert float(optim.nonfinite_norm(hit)) == 1.0
+
+
+def test_weight_decay_scales_with_the_training_examples():
+  """One AdamW step on a zero gradient only decays: p * (1 - lr * wd * min(1, reference / n))."""
+  opt = ml_collections.ConfigDict({"name": "adamw", "learning_rate": 0.1, "weight_decay": 2.0,
+                                   "weight_decay_examples": 1000, "schedule": "constant",
+                                   "grad_clip_norm": 0.0})
+  params = {"w": jnp.asarray([1.0, -3.0], jnp.float32)}
+  for n, want in ((500, 2.0), (1000, 2.0), (4000, 0.5), (None, 2.0)):
+    assert optim.weight_decay(opt, n) == pytest.approx(want)
+    tx = optim.create_optimizer(opt, 10, n)
+    updates, _ = tx.update(jax.tree.map(jnp.zeros_like, params), tx.init(params), params)
+    new = optax.apply_updates(params, updates)
+    np.testing.assert_allclose(np.asarray(new["w"]), np.array([1.0, -3.0]) * (1 - 0.1 * want),
+                               rtol=1e-6)
+  opt.weight_decay_examples = 0  # off: as given, whatever the data
+  assert optim.weight_decay(opt, 4000) == pytest.approx(2.0)

@@ -3,14 +3,14 @@
 Training is replaced by a fake that records its calls and writes results.json, so these tests
 check the orchestration alone (test_experiments.py and test_reproduce.py train for real)."""
 import csv
-import json
 import math
 import os
 
 import ml_collections
 import pytest
 
-from i2m2_jax import studies, train_lib
+import helpers
+from i2m2_jax import studies
 
 
 def config(kind="uni"):
@@ -28,23 +28,15 @@ def graph():
           studies.Run("inter", config("inter"))]
 
 
+DATASET = "the data set"
+
+
 @pytest.fixture
 def fake_training(monkeypatch):
   """Replaces training: records (run dir, seed, init_from) and writes results.json."""
-  calls = []
-
-  def train(cfg, directory, dataset):
-    assert dataset == "the data set"
-    calls.append((os.path.relpath(directory), cfg.seed, cfg.model.init_from))
-    results = {"model": cfg.model.kind, "seed": cfg.seed,
-               "test": {"accuracy": 0.5 + 0.1 * cfg.seed, "experts": {"joint": 0.25}}}
-    os.makedirs(directory, exist_ok=True)
-    with open(os.path.join(directory, "results.json"), "w") as f:
-      json.dump(results, f)
-    return results
-
-  monkeypatch.setattr(train_lib, "train_and_evaluate", train)
-  return calls
+  return helpers.fake_training(monkeypatch, lambda cfg: {
+      "model": cfg.model.kind, "seed": cfg.seed,
+      "test": {"accuracy": 0.5 + 0.1 * cfg.seed, "experts": {"joint": 0.25}}}, DATASET)
 
 
 def test_dependency_order_puts_each_run_after_its_sources():
@@ -62,7 +54,7 @@ def test_dependency_order_puts_each_run_after_its_sources():
 def test_run_study_trains_in_order_with_same_seed_sources_then_reads_back(
     tmp_path, monkeypatch, fake_training):
   monkeypatch.chdir(tmp_path)
-  results = studies.run_study(graph(), "study", [3, 4], "the data set")
+  results = studies.run_study(graph(), "study", [3, 4], DATASET)
   assert list(results) == ["i2m2", "uni_a", "intra", "uni_b", "inter"]  # the given order
   assert [r["seed"] for r in results["i2m2"]] == [3, 4]
   trained = [(d, s) for d, s, _ in fake_training]
@@ -79,7 +71,7 @@ def test_run_study_trains_in_order_with_same_seed_sources_then_reads_back(
   # in its own folder, where train_and_evaluate resumes from the checkpoint.
   os.remove("study/intra/seed_4/results.json")
   fake_training.clear()
-  again = studies.run_study(graph(), "study", [3, 4], "the data set")
+  again = studies.run_study(graph(), "study", [3, 4], DATASET)
   assert [(d, s) for d, s, _ in fake_training] == [("study/intra/seed_4", 4)]
   assert again == results
 

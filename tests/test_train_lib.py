@@ -210,3 +210,20 @@ def test_every_config_field_is_checked_before_the_workdir_is_written(dataset, tm
                                  dataset=dataset)
   assert message in str(error.value)
   assert not (tmp_path / "w").exists()
+
+
+def test_epoch_evaluations_are_spaced_by_min_steps_and_weight_decay_follows_the_data(dataset,
+                                                                                     tmp_path):
+  """128 examples of batch 16 are an 8-step epoch: evaluated every 10 steps (and at the end)
+  with min_steps_between_evals=10; weight decay 0.5 for 64 examples is 0.25 for these 128."""
+  config = tiny_config("inter", **{"num_train_steps": 25, "eval_every_steps": -1,
+                                   "min_steps_between_evals": 10,
+                                   "optimizer.weight_decay": 0.5,
+                                   "optimizer.weight_decay_examples": 64,
+                                   "eval_missing_modalities": False})
+  workdir = str(tmp_path / "run")
+  results = train_lib.train_and_evaluate(config, workdir, dataset=dataset)
+  evaluated = [row["step"] for row in read_jsonl(os.path.join(workdir, "metrics.jsonl"))
+               if "val/accuracy" in row]
+  assert evaluated == [10, 20, 25]
+  assert results["weight_decay"] == pytest.approx(0.25)
