@@ -88,6 +88,10 @@ def get_config():
   # Activations in 'float32' or 'bfloat16' (mixed precision: parameters, optimiser state, BatchNorm
   # statistics and the product of experts stay float32). bfloat16 is for GPUs/TPUs, plain only.
   config.model.compute_dtype = "float32"
+  # Rematerialise in the backward pass instead of keeping activations: each residual block of a
+  # residual encoder (preactresnet18), every other encoder as a whole. Less memory per example
+  # for one more forward pass (experiments/benchmark.py measures both). Plain only.
+  config.model.remat = False
   # Initialise experts from other runs' best checkpoints: "expert=workdir[,expert=workdir]",
   # e.g. "uni_image=runs/img,joint=runs/lf" (the paper's staged recipe).
   config.model.init_from = ""

@@ -52,6 +52,7 @@ initialisation compile faster; dropout is off), and no persistent compilation ca
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -70,20 +71,28 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # pylint: disable=g-import-not-at-top,wrong-import-position
 from i2m2_jax import host_memory  # noqa: E402  (no JAX import: runs before JAX starts threads)
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "AV-MNIST config (configs/avmnist.py).",
+_CONFIG = config_flags.DEFINE_config_file("config", None, "configs/avmnist.py or configs/fastmri.py.",
                                           lock_config=False)
-_BATCHES = flags.DEFINE_list("batches", ["40", "256"], "Batch sizes.")
+_BATCHES = flags.DEFINE_list("batches", None, "Batch sizes (AV-MNIST: 40,256; fastMRI: 8,16).")
+_HW = flags.DEFINE_integer("hw", 64, "fastMRI: side of the magnitude and phase images (the paper: "
+                           "320); the ResNets pool to max(1, hw // 32) (320 -> 10, 64 -> 2), as "
+                           "the PyTorch reference's --pool. AV-MNIST's shapes are fixed.")
+_MEMORY_ONLY = flags.DEFINE_bool("memory_only", False, "Compile only, time nothing: each path's "
+                                 "train-step memory per example and the largest batch that fits "
+                                 "in --memory_budget_gib.")
+_MEMORY_BUDGET_GIB = flags.DEFINE_float("memory_budget_gib", 24.0, "Memory for max_batch_in_budget.")
 _STEPS = flags.DEFINE_integer("steps", 10, "Timed steps per path, batch and repeat.")
 _REPEATS = flags.DEFINE_integer("repeats", 3, "Interleaved repeats (every path, then every path again, ...).")
-_PATHS = flags.DEFINE_list("paths", ["plain", "plain_tuned", "fast"],
-                           "Implementations to compare: plain, plain_tuned, fast (docstring).")
+_PATHS = flags.DEFINE_list("paths", None, "Implementations to compare (PATHS; default AV-MNIST: "
+                           "plain,plain_tuned,fast; fastMRI: plain,plain_tuned,remat).")
 _DTYPES = flags.DEFINE_list("dtypes", ["float32"], "Compute dtypes (config.model.compute_dtype) "
                             "to time; 'fast' is float32 only, so it is skipped in others.")
 _JSON = flags.DEFINE_string("json", None, "Also write the rows as a JSON list here.")
 _QUICK = flags.DEFINE_bool("quick", False, "Plumbing check: 1 repeat, a 64-row data set, small "
                            "matmul, no expert breakdown unless --experts is given explicitly.")
 _EXPERTS = flags.DEFINE_bool("experts", True, "Time each expert of I2M2 trained alone.")
-_EXPERT_PATHS = flags.DEFINE_list("expert_paths", ["fast"], "Paths of the expert breakdown.")
+_EXPERT_PATHS = flags.DEFINE_list("expert_paths", None, "Paths of the expert breakdown (default: "
+                                  "fast for AV-MNIST, plain_tuned for fastMRI).")
 _INPUT = flags.DEFINE_bool("input", True, "Measure the input wait with the real pipeline.")
 _INPUT_PATH = flags.DEFINE_string("input_path", "fast", "Path (float32) fed by the real pipeline "
                                   "for the input wait; the first path run if it is not run.")
@@ -112,16 +121,93 @@ PAPER_MODEL = {
 # Config and FLOPs
 
 
-def benchmark_config(config):
-  """The config's I2M2 model and optimiser; the paper's model where the config lacks it."""
+# path -> (config.model fields it sets, compiled with XLA's default options rather than the
+# trainer's). 'plain' is the straightforward Flax version; 'plain_tuned' what the trainer runs.
+PATHS = {
+    "plain": ({"implementation": "plain"}, True),
+    "plain_tuned": ({"implementation": "plain"}, False),
+    "fast": ({"implementation": "fast"}, False),             # AV-MNIST's LeNets only
+    "remat": ({"implementation": "plain", "remat": True}, False),
+}
+
+
+def parse_path(path: str) -> tuple[dict[str, Any], bool, dict[str, Any]]:
+  """'name[+xla_option=value...]' -> (config.model fields, XLA defaults?, extra XLA options):
+  a path of PATHS with XLA compile options added, e.g.
+  'plain+xla_cpu_experimental_ynn_fusion_type=LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT' (values
+  true/false and integers are converted; the option-by-option study of the README)."""
+  name, *options = path.split("+")
+  if name not in PATHS:
+    raise ValueError(f"--paths: unknown path {name!r} in {path!r}; expected one of "
+                     f"{list(PATHS)}, optionally followed by +xla_option=value.")
+  extra = {}
+  for option in options:
+    key, sep, value = option.partition("=")
+    if not sep:
+      raise ValueError(f"--paths: {option!r} in {path!r} is not xla_option=value.")
+    lowered = value.lower()
+    extra[key] = (lowered == "true" if lowered in ("true", "false")
+                  else int(value) if value.lstrip("-").isdigit() else value)
+  fields, xla_defaults = PATHS[name]
+  return fields, xla_defaults, extra
+
+
+@dataclasses.dataclass
+class Workload:
+  """What is benchmarked: the I2M2 config and random data of its shapes."""
+  name: str                                 # 'avmnist' or 'fastmri'
+  config: Any
+  shapes: Mapping[str, tuple[int, ...]]     # modality -> one example's shape
+  label_shape: tuple[int, ...]              # () one class label; (L,) L binary labels
+  num_classes: int
+  input_dtype: str                          # 'uint8' (1..255) or 'float32' (standard normal)
+  hw: int | None                            # fastMRI's image side; None: fixed shapes
+  paths: tuple[str, ...]                    # default --paths
+  expert_paths: tuple[str, ...]             # default --expert_paths
+  alone: Mapping[str, tuple[str, str]]      # expert -> (kind, modality) to train alone
+  notes: list[str]
+  label_names: tuple[str, ...] = ()
+
+  @property
+  def hand_flops(self) -> bool:  # AV-MNIST's LeNets are counted by hand, others by XLA
+    return self.name == "avmnist"
+
+  def inputs(self, rng, rows: int) -> dict[str, Any]:
+    import numpy as np  # pylint: disable=g-import-not-at-top
+    if self.input_dtype == "uint8":
+      return {m: rng.integers(1, 256, (rows,) + tuple(s), dtype=np.uint8)
+              for m, s in self.shapes.items()}
+    return {m: rng.normal(size=(rows,) + tuple(s)).astype(np.float32)
+            for m, s in self.shapes.items()}
+
+  def labels(self, rng, rows: int):
+    import numpy as np  # pylint: disable=g-import-not-at-top
+    return rng.integers(0, self.num_classes, (rows,) + self.label_shape).astype(np.int32)
+
+
+def workload(config, hw: int = 64) -> Workload:
+  """The config's I2M2 model and optimiser on random data of its data set's shapes: fastMRI
+  (configs/fastmri.py) at hw x hw, else AV-MNIST (the paper's model where the config lacks it)."""
   import ml_collections  # pylint: disable=g-import-not-at-top
   from configs import default  # pylint: disable=g-import-not-at-top
-  base = default.get_config()
+  from i2m2_jax import models  # pylint: disable=g-import-not-at-top
   notes = []
   if config is None:
-    config, notes = base, ["no --config: configs/default.py with the paper's AV-MNIST model"]
-  from i2m2_jax import models  # pylint: disable=g-import-not-at-top
+    config, notes = default.get_config(), ["no --config: configs/default.py with the paper's "
+                                           "AV-MNIST model"]
   model = config.model
+  model.kind = "i2m2"
+  model.init_from = ""
+  if config.data.name == "fastmri":
+    config.data.image_size = hw
+    for m in model.encoder_kwargs:  # the paper's 10 x 10 at 320 x 320
+      model.encoder_kwargs[m].pooled_size = max(1, hw // 32)
+    names = tuple(config.data.label_names.split(","))
+    return Workload(
+        "fastmri", config, {"magnitude": (hw, hw, 1), "phase": (hw, hw, 1)}, (len(names),), 2,
+        "float32", hw, ("plain", "plain_tuned", "remat"), ("plain_tuned",),
+        {"uni_magnitude": ("uni", "magnitude"), "uni_phase": ("uni", "phase"),
+         "joint": ("inter", "")}, notes, names)
   encoders = models.config_mapping(model.get("encoders"), "config.model.encoders")
   if any(encoders.get(m) != "lenet" for m in MODALITY_SHAPES):
     notes.append("the config's model is not the AV-MNIST LeNet one; using the paper's model "
@@ -130,11 +216,13 @@ def benchmark_config(config):
     for key, value in PAPER_MODEL.items():
       model[key] = ml_collections.ConfigDict(value) if isinstance(value, dict) else value
     model.fusion_kwargs = ml_collections.ConfigDict()
-  model.kind = "i2m2"
-  model.init_from = ""
   if config.optimizer.name != "sgd":
     notes.append(f"optimiser {config.optimizer.name} (the paper's is SGD)")
-  return config, notes
+  return Workload(
+      "avmnist", config, dict(MODALITY_SHAPES), (), NUM_CLASSES, "uint8", None,
+      ("plain", "plain_tuned", "fast"), ("fast",),
+      {"uni_image": ("uni", "image"), "uni_audio": ("uni", "audio"), "joint": ("inter", "")},
+      notes)
 
 
 def _lenet_flops(shape, channels: int, num_blocks: int) -> tuple[float, float, int]:
@@ -220,72 +308,106 @@ def matmul_gflops(n: int, repeats: int = 5, dtype: str = "float32") -> float:
   return 2.0 * n ** 3 / best / 1e9
 
 
-def random_batches(batch: int, count: int, seed: int) -> list[dict[str, Any]]:
-  """Host batches of random uint8 inputs in 1..255 (never zeros) and random labels."""
+def random_batches(work: Workload, batch: int, count: int, seed: int) -> list[dict[str, Any]]:
+  """Host batches of random inputs (uint8 in 1..255 or standard normal: never zeros) and
+  labels."""
   import numpy as np  # pylint: disable=g-import-not-at-top
   rng = np.random.default_rng(seed)
-  return [{"inputs": {m: rng.integers(1, 256, (batch,) + tuple(s), dtype=np.uint8)
-                      for m, s in MODALITY_SHAPES.items()},
-           "label": rng.integers(0, NUM_CLASSES, batch).astype(np.int32),
+  return [{"inputs": work.inputs(rng, batch), "label": work.labels(rng, batch),
            "mask": np.ones(batch, dtype=bool)} for _ in range(count)]
 
 
-def _fake_dataset(rows: int, seed: int):
+def _fake_dataset(work: Workload, rows: int, seed: int):
   import numpy as np  # pylint: disable=g-import-not-at-top
   from i2m2_jax import input_pipeline  # pylint: disable=g-import-not-at-top
   from i2m2_jax.datasets import Dataset  # pylint: disable=g-import-not-at-top
   rng = np.random.default_rng(seed)
-  columns = {m: rng.integers(1, 256, (rows,) + tuple(s), dtype=np.uint8)
-             for m, s in MODALITY_SHAPES.items()}
-  columns["label"] = rng.integers(0, NUM_CLASSES, rows)
+  columns = {**work.inputs(rng, rows), "label": work.labels(rng, rows)}
   source = input_pipeline.InMemorySource(columns)
-  return Dataset(name="avmnist_random", modalities=dict(MODALITY_SHAPES), num_classes=NUM_CLASSES,
-                 sources={"train": source, "val": source, "test": source})
+  return Dataset(name=f"{work.name}_random", modalities=dict(work.shapes),
+                 num_classes=work.num_classes,
+                 sources={"train": source, "val": source, "test": source},
+                 targets={"label": work.label_shape},
+                 task="multilabel" if work.label_shape else "multiclass",
+                 label_names=work.label_names)
 
 
 class Path:
-  """One implementation: its model, state and compiled steps."""
+  """One implementation (PATHS): its model, state and compiled steps."""
 
-  def __init__(self, name: str, config, mesh, counter: CompileCounter, kind: str = "i2m2",
-               modality: str = "", dtype: str = "float32"):
+  def __init__(self, name: str, work: Workload, mesh, counter: CompileCounter,
+               kind: str = "i2m2", modality: str = "", dtype: str = "float32"):
     import jax  # pylint: disable=g-import-not-at-top
     from i2m2_jax import steps  # pylint: disable=g-import-not-at-top
     from i2m2_jax.experiment import build_experiment  # pylint: disable=g-import-not-at-top
     self.name, self.mesh, self.counter = name, mesh, counter
-    run = config.copy_and_resolve_references()
-    run.model.implementation = "fast" if name == "fast" else "plain"
+    fields, xla_defaults, extra = parse_path(name)
+    run = work.config.copy_and_resolve_references()
+    for key, value in fields.items():
+      run.model[key] = value
     run.model.kind, run.model.modality, run.model.compute_dtype = kind, modality, dtype
     run.seed, run.num_train_steps = 0, 10_000
-    self.dataset = _fake_dataset(8, 0)
+    self.dataset = _fake_dataset(work, 8, 0)
     exp = build_experiment(run, self.dataset, mesh=mesh, stats=None)  # uint8 scaled to [0, 1]
     self.model, self.preprocess, self.task, self.state = exp.model, exp.preprocess, exp.task, exp.state
     jax.block_until_ready(self.state)
-    baseline = name == "plain"  # the straightforward version: XLA's default compile options
-    self.train_fn = steps.jit_train_step(exp.task, exp.preprocess, mesh, xla_defaults=baseline)
-    self.eval_fn = steps.jit_eval_step(exp.task, exp.preprocess, mesh, xla_defaults=baseline)
+    self.train_fn = steps.jit_train_step(exp.task, exp.preprocess, mesh,
+                                         xla_defaults=xla_defaults, extra_options=extra)
+    self.eval_fn = steps.jit_eval_step(exp.task, exp.preprocess, mesh, xla_defaults=xla_defaults,
+                                       extra_options=extra)
     self.first_step: dict[int, dict[str, float]] = {}
+    self.eval_first: dict[int, dict[str, float]] = {}
+
+  def compile_train(self, batch) -> dict[str, float]:
+    """Compiles the train step for `batch`'s shapes (a later call reuses the executable) and
+    returns XLA's analyses of it: temp_bytes (activations kept for the backward pass and scratch:
+    what grows with the batch), state_bytes (arguments: parameters, optimiser state, batch;
+    donated, so the new state reuses them) and flops (XLA's count of the whole step)."""
+    compiled = self.train_fn.lower(self.state, batch).compile()
+    memory = compiled.memory_analysis()
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost  # a list in older JAX
+    return {"temp_bytes": int(memory.temp_size_in_bytes),
+            "state_bytes": int(memory.argument_size_in_bytes),
+            "output_bytes": int(memory.output_size_in_bytes - memory.alias_size_in_bytes),
+            "flops": float((cost or {}).get("flops", float("nan")))}
 
   def train(self, batch) -> float:
-    """One synchronised train step; returns its seconds (the first per shape is recorded)."""
+    """One synchronised train step; returns its seconds. The first per shape is compiled
+    ahead (compile_train) inside the timed first step, whose figures are recorded."""
     from i2m2_jax import sharding  # pylint: disable=g-import-not-at-top
     size = int(batch["label"].shape[0])
     count, seconds = self.counter.snapshot()
     t = time.perf_counter()
+    analysis = self.compile_train(batch) if size not in self.first_step else None
     self.state, sums = self.train_fn(self.state, batch)
     sharding.to_host(sums)
     elapsed = time.perf_counter() - t
-    if size not in self.first_step:
+    if analysis is not None:
       n, s = self.counter.snapshot()
       self.first_step[size] = {"first_step_s": elapsed, "compile_s": s - seconds,
-                               "compilations": n - count}
+                               "compilations": n - count, **analysis}
     return elapsed
 
   def evaluate(self, batch) -> float:
+    """One synchronised eval step; returns its seconds. The first per shape is compiled ahead
+    inside the timed first step, for XLA's FLOP count and memory (eval_first)."""
     from i2m2_jax import sharding  # pylint: disable=g-import-not-at-top
+    size = int(batch["label"].shape[0])
     t = time.perf_counter()
+    first = None
+    if size not in self.eval_first:
+      compiled = self.eval_fn.lower(self.state, batch).compile()
+      cost = compiled.cost_analysis()
+      cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+      first = {"flops": float((cost or {}).get("flops", float("nan"))),
+               "temp_bytes": int(compiled.memory_analysis().temp_size_in_bytes)}
     out = self.eval_fn(self.state, batch)
     sharding.to_host(out["sums"])
-    return time.perf_counter() - t
+    elapsed = time.perf_counter() - t
+    if first is not None:
+      self.eval_first[size] = {**first, "first_step_s": elapsed}
+    return elapsed
 
 
 def _median_row(times: Sequence[float], batch: int) -> dict[str, float]:
@@ -373,7 +495,34 @@ def _machine() -> dict[str, Any]:
           "xla_flags": os.environ.get("XLA_FLAGS", "")}
 
 
-def run(config, batches: Sequence[int], steps: int, repeats: int, paths: Sequence[str],
+def memory_rows(work: Workload, batches: Sequence[int], paths: Sequence[str],
+                budget_gib: float, log: Callable[[str], None] = print) -> list[dict[str, Any]]:
+  """Compiles each path's train step per batch (nothing runs) and reads XLA's memory analysis:
+  peak_bytes_per_example = the step's temporary buffers over the batch; max_batch_in_budget =
+  the largest batch whose state and temporaries (at that per-example rate) fit in budget_gib."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from i2m2_jax import sharding  # pylint: disable=g-import-not-at-top
+  mesh, counter, rows = sharding.make_mesh(), CompileCounter(), []
+  for p in paths:
+    path = Path(p, work, mesh, counter)
+    for b in batches:
+      t = time.perf_counter()
+      batch = sharding.global_batch(random_batches(work, b, 1, seed=b)[0], mesh)
+      a = path.compile_train(batch)
+      fixed = a["state_bytes"] + a["output_bytes"]
+      per_example = a["temp_bytes"] / b
+      rows.append({"path": p, "mode": "train", "batch": b, "hw": work.hw, "dtype": "float32",
+                   "peak_bytes_per_example": per_example, "state_bytes": a["state_bytes"],
+                   "temp_bytes": a["temp_bytes"], "compile_s": time.perf_counter() - t,
+                   "max_batch_in_budget": int((budget_gib * 2 ** 30 - fixed) // per_example),
+                   "budget_gib": budget_gib, "device": str(jax.devices()[0].device_kind)})
+      log(f"{p} batch {b}: {per_example / 2 ** 20:.1f} MiB per example, state "
+          f"{a['state_bytes'] / 2 ** 20:.0f} MiB, largest batch in {budget_gib:g} GiB "
+          f"{rows[-1]['max_batch_in_budget']}")
+  return rows
+
+
+def run(work: Workload, batches: Sequence[int], steps: int, repeats: int, paths: Sequence[str],
         experts: bool, expert_paths: Sequence[str], measure_input: bool, input_rows: int,
         matmul_n: int, log: Callable[[str], None] = print,
         dtypes: Sequence[str] = ("float32",),
@@ -382,7 +531,7 @@ def run(config, batches: Sequence[int], steps: int, repeats: int, paths: Sequenc
   import jax  # pylint: disable=g-import-not-at-top
   from i2m2_jax import evaluation, input_pipeline, sharding  # pylint: disable=g-import-not-at-top
   load_before = os.getloadavg()
-  config, notes = benchmark_config(config)
+  notes = list(work.notes)
   counter = CompileCounter()
   mesh = sharding.make_mesh()
   machine = _machine()
@@ -390,19 +539,23 @@ def run(config, batches: Sequence[int], steps: int, repeats: int, paths: Sequenc
     if b % jax.device_count():
       raise ValueError(f"Batch {b} is not a multiple of the device count {jax.device_count()}.")
   peaks = {d: matmul_gflops(matmul_n, dtype=d) for d in dtypes}
-  flops = model_flops(config.model)
+  flops = model_flops(work.config.model) if work.hand_flops else None
   log(", ".join(f"matmul {matmul_n}^2 {d}: {g:.1f} GFLOP/s" for d, g in peaks.items())
-      + f"; model: {flops['train'] / 1e6:.1f} MFLOP per training example "
-      f"({flops['forward'] / 1e6:.1f} forward)")
+      + (f"; model: {flops['train'] / 1e6:.1f} MFLOP per training example "
+         f"({flops['forward'] / 1e6:.1f} forward)" if flops else ""))
 
-  # Runs are (path, dtype); the fast implementation computes in float32 only.
-  runs = [(p, d) for d in dtypes for p in paths if p != "fast" or d == "float32"]
+  # Runs are (path, dtype); the fast implementation is AV-MNIST's, in float32 only.
+  if any(p.split("+")[0] == "fast" for p in paths) and work.name != "avmnist":
+    paths = [p for p in paths if p.split("+")[0] != "fast"]
+    notes.append("path fast implements AV-MNIST's LeNet models only: not run")
+  runs = [(p, d) for d in dtypes for p in paths if p.split("+")[0] != "fast" or d == "float32"]
   if len(runs) < len(paths) * len(dtypes):
     notes.append("path fast computes in float32 only: its other dtypes are not run")
-  built = {(p, d): Path(p, config, mesh, counter, dtype=d) for p, d in runs}
+  built = {(p, d): Path(p, work, mesh, counter, dtype=d) for p, d in runs}
   rows: dict[tuple[str, str, str, int], dict[str, Any]] = {}
   for b in batches:
-    device_batches = [sharding.global_batch(h, mesh) for h in random_batches(b, 4, seed=b)]
+    device_batches = [sharding.global_batch(h, mesh)
+                      for h in random_batches(work, b, 4, seed=b)]
     for run_key in runs:  # the first step of each shape compiles
       built[run_key].train(device_batches[0])
       built[run_key].evaluate(device_batches[0])
@@ -421,21 +574,35 @@ def run(config, batches: Sequence[int], steps: int, repeats: int, paths: Sequenc
           for p, d in runs for mode in ("train", "eval")))
     for p, d in runs:
       path = built[(p, d)]
-      rows[(p, d, "train", b)] = {**_median_row(times[((p, d), "train")], b),
-                                  **path.first_step[b],
+      first = dict(path.first_step[b])
+      analysis = {k: first.pop(k) for k in ("temp_bytes", "state_bytes", "output_bytes",
+                                            "flops")}
+      rows[(p, d, "train", b)] = {**_median_row(times[((p, d), "train")], b), **first,
+                                  "peak_bytes_per_example": analysis["temp_bytes"] / b,
+                                  "state_bytes": analysis["state_bytes"],
+                                  "xla_flops_per_example": analysis["flops"] / b,
                                   "recompilations": recompiles[((p, d), "train")]}
       # Padded evaluation: a split whose last batch is padded, through evaluation.evaluate.
-      padded = _fake_dataset(2 * b + b // 2 + 1, seed=b + 1)
+      padded = _fake_dataset(work, 2 * b + b // 2 + 1, seed=b + 1)
       n0 = counter.snapshot()[0]
       evaluation.evaluate(path.eval_fn, path.state, padded.sources["val"], padded, path.task, b,
                           mesh)
       rows[(p, d, "eval", b)] = {**_median_row(times[((p, d), "eval")], b),
+                                 "first_step_s": path.eval_first[b]["first_step_s"],
+                                 "peak_bytes_per_example": path.eval_first[b]["temp_bytes"] / b,
+                                 "xla_flops_per_example": path.eval_first[b]["flops"] / b,
                                  "recompilations": recompiles[((p, d), "eval")],
                                  "recompilations_padded_eval": counter.snapshot()[0] - n0}
 
   for (p, d, mode, b), row in rows.items():
-    per_example = flops["train"] if mode == "train" else flops["forward"]
+    if flops:
+      per_example = flops["train"] if mode == "train" else flops["forward"]
+    else:  # XLA's count of the first path's steps: the same function on every path (a
+      # rematerialised step's recomputation is not credited)
+      first = built[runs[0]]
+      per_example = (first.first_step[b] if mode == "train" else first.eval_first[b])["flops"] / b
     row["dtype"] = d
+    row["hw"] = work.hw
     row["gflop_per_s"] = per_example * row["examples_per_s"] / 1e9
     row["matmul_gflop_per_s"] = peaks[d]
     row["peak_fraction"] = row["gflop_per_s"] / peaks[d]
@@ -450,13 +617,12 @@ def run(config, batches: Sequence[int], steps: int, repeats: int, paths: Sequenc
   if experts:
     # Each expert of I2M2 trained alone (same config, kind uni/inter), timed interleaved with
     # I2M2 itself so that the comparison sees the same machine load.
-    alone = {"uni_image": ("uni", "image"), "uni_audio": ("uni", "audio"), "joint": ("inter", "")}
     for p in expert_paths:
-      alone_runs = {"i2m2": built.get((p, "float32")) or Path(p, config, mesh, counter)}
-      alone_runs.update({name: Path(p, config, mesh, counter, kind=kind, modality=modality)
-                         for name, (kind, modality) in alone.items()})
+      alone_runs = {"i2m2": built.get((p, "float32")) or Path(p, work, mesh, counter)}
+      alone_runs.update({name: Path(p, work, mesh, counter, kind=kind, modality=modality)
+                         for name, (kind, modality) in work.alone.items()})
       for b in batches:
-        batch = sharding.global_batch(random_batches(b, 1, seed=b)[0], mesh)
+        batch = sharding.global_batch(random_batches(work, b, 1, seed=b)[0], mesh)
         times = {name: [] for name in alone_runs}
         for path in alone_runs.values():
           path.train(batch)
@@ -464,7 +630,7 @@ def run(config, batches: Sequence[int], steps: int, repeats: int, paths: Sequenc
           for name, path in alone_runs.items():
             times[name] += [path.train(batch) for _ in range(steps)]
         med = {name: 1e3 * statistics.median(t) for name, t in times.items()}
-        parts = {name: med[name] for name in alone}
+        parts = {name: med[name] for name in work.alone}
         expert_rows[(p, b)] = parts
         row = rows.setdefault((p, "float32", "train", b), {})
         row["expert_step_ms"] = parts
@@ -475,7 +641,9 @@ def run(config, batches: Sequence[int], steps: int, repeats: int, paths: Sequenc
                                                             for k, v in med.items()))
 
   input_note = ""
-  if measure_input:
+  if measure_input and work.name != "avmnist":
+    notes.append("the input wait is measured for AV-MNIST only (its array_record build)")
+  elif measure_input:
     with tempfile.TemporaryDirectory() as tmp:
       t = time.perf_counter()
       streamed = build_array_record(input_rows, tmp)
@@ -518,7 +686,7 @@ def run(config, batches: Sequence[int], steps: int, repeats: int, paths: Sequenc
     out.append({"path": p, "mode": mode, "batch": b, **row, **machine,
                 "load_before": list(load_before), "load_after": list(load_after)})
   report = _report(out, expert_rows, peaks, flops, machine, load_before, load_after, notes,
-                   input_note, matmul_n, steps, repeats)
+                   input_note, matmul_n, steps, repeats, work)
   return out, report
 
 
@@ -537,24 +705,34 @@ def _vs(row) -> str:
 
 
 def _report(rows, expert_rows, peaks, flops, machine, load_before, load_after, notes, input_note,
-            matmul_n, steps, repeats) -> str:
+            matmul_n, steps, repeats, work: Workload) -> str:
+  del expert_rows  # in the rows
+  if flops:
+    counted = (f"hand count from the config: {flops['train'] / 1e6:.1f} M per training example, "
+               f"{flops['forward'] / 1e6:.1f} M per evaluated example")
+  else:
+    train = [r for r in rows if r["mode"] == "train"]
+    counted = (f"XLA's count of the compiled steps: {train[0]['gflop_per_s'] / train[0]['examples_per_s']:.2f} "
+               f"G per training example" if train else "XLA's count")
+  shapes = ", ".join(f"{m} {'x'.join(map(str, s))}" for m, s in work.shapes.items())
   lines = [f"Machine: {machine['cpu']}; JAX {machine['jax']} on {machine['device']}"
            + (f"; XLA_FLAGS={machine['xla_flags']}" if machine["xla_flags"] else "") + ".",
-           f"Load average (1/5/15 min) before {'/'.join(f'{x:.2f}' for x in load_before)}, "
+           f"Model: {work.name} I2M2 ({shapes}); load average (1/5/15 min) before "
+           f"{'/'.join(f'{x:.2f}' for x in load_before)}, "
            f"after {'/'.join(f'{x:.2f}' for x in load_after)}. Medians of {steps} steps x "
            f"{repeats} interleaved repeats.",
            "Matmul rate (" + ", ".join(f"{d} {matmul_n}^2 jnp.dot {g:.1f}"
                                        for d, g in peaks.items())
-           + f" GFLOP/s). Model FLOPs (hand count "
-           f"from the config): {flops['train'] / 1e6:.1f} M per training example, "
-           f"{flops['forward'] / 1e6:.1f} M per evaluated example."]
+           + f" GFLOP/s). Model FLOPs ({counted})."]
   lines += [f"Note: {n}." for n in notes]
   lines += ["", "| path | dtype | mode | batch | step ms (min–max) | examples/s | vs plain | "
             "GFLOP/s | % of matmul | first step s (XLA compile s) | recompiles (padded eval) | "
-            "input wait | experts alone, ms: image + audio + joint = sum; I2M2 (I2M2 / sum) |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+            "train memory / example MiB | input wait | experts alone, ms: "
+            + " + ".join(e.replace("uni_", "") for e in work.alone) + " = sum; I2M2 (I2M2 / sum) |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
   for r in rows:
-    first = (f"{r['first_step_s']:.1f} ({r['compile_s']:.1f})" if "first_step_s" in r else "")
+    first = (f"{r['first_step_s']:.1f} ({r['compile_s']:.1f})" if "compile_s" in r
+             else _fmt(r.get("first_step_s"), ".1f", ""))
     recompiles = _fmt(r.get("recompilations"), "d")
     if r["mode"] == "eval":
       recompiles += f" ({_fmt(r.get('recompilations_padded_eval'), 'd')})"
@@ -568,7 +746,7 @@ def _report(rows, expert_rows, peaks, flops, machine, load_before, load_after, n
     parts = ""
     if "expert_step_ms" in r:
       e = r["expert_step_ms"]
-      parts = (f"{e['uni_image']:.1f} + {e['uni_audio']:.1f} + {e['joint']:.1f} = "
+      parts = (" + ".join(f"{e[name]:.1f}" for name in work.alone) + " = "
                f"{r['experts_sum_step_ms']:.1f}; I2M2 {r['i2m2_step_ms_with_experts']:.1f} "
                f"({r['i2m2_over_experts_sum']:.2f})")
     lines.append(
@@ -576,7 +754,8 @@ def _report(rows, expert_rows, peaks, flops, machine, load_before, load_after, n
         f"({r['step_ms_min']:.1f}–{r['step_ms_max']:.1f}) | {r['examples_per_s']:.0f} | "
         f"{_vs(r)} | "
         f"{r['gflop_per_s']:.1f} | {100 * r['peak_fraction']:.1f} | {first} | {recompiles} | "
-        f"{wait} | {parts} |")
+        f"{_fmt(r.get('peak_bytes_per_example', 0) / 2 ** 20 or None, '.1f')} | {wait} | "
+        f"{parts} |")
   if input_note:
     lines += ["", input_note]
   return "\n".join(lines)
@@ -589,15 +768,27 @@ def main(argv):
   if not _COMPILATION_CACHE.value:
     jax.config.update("jax_enable_compilation_cache", False)
   jax.config.update("jax_default_prng_impl", "rbg")
-  quick = _QUICK.value
-  experts = _EXPERTS.value and (not quick or flags.FLAGS["experts"].present)
-  rows, report = run(
-      _CONFIG.value, [int(b) for b in _BATCHES.value], _STEPS.value,
-      1 if quick and not flags.FLAGS["repeats"].present else _REPEATS.value,
-      list(_PATHS.value), experts, list(_EXPERT_PATHS.value), _INPUT.value,
-      64 if quick and not flags.FLAGS["input_rows"].present else _INPUT_ROWS.value,
-      512 if quick else (2048 if jax.default_backend() == "cpu" else 8192),
-      dtypes=list(_DTYPES.value), input_path=_INPUT_PATH.value)
+  work = workload(_CONFIG.value, _HW.value)
+  batches = [int(b) for b in _BATCHES.value or (("8", "16") if work.name == "fastmri"
+                                                  else ("40", "256"))]
+  paths = list(_PATHS.value or work.paths)
+  if _MEMORY_ONLY.value:
+    rows = memory_rows(work, batches, paths, _MEMORY_BUDGET_GIB.value)
+    report = "\n".join(
+        ["| path | batch | hw | train memory / example (MiB) | state (MiB) | largest batch in "
+         f"{_MEMORY_BUDGET_GIB.value:g} GiB |", "|---|---|---|---|---|---|"]
+        + [f"| {r['path']} | {r['batch']} | {r['hw']} | {r['peak_bytes_per_example'] / 2 ** 20:.1f}"
+           f" | {r['state_bytes'] / 2 ** 20:.0f} | {r['max_batch_in_budget']} |" for r in rows])
+  else:
+    quick = _QUICK.value
+    experts = _EXPERTS.value and (not quick or flags.FLAGS["experts"].present)
+    rows, report = run(
+        work, batches, _STEPS.value,
+        1 if quick and not flags.FLAGS["repeats"].present else _REPEATS.value,
+        paths, experts, list(_EXPERT_PATHS.value or work.expert_paths), _INPUT.value,
+        64 if quick and not flags.FLAGS["input_rows"].present else _INPUT_ROWS.value,
+        512 if quick else (2048 if jax.default_backend() == "cpu" else 8192),
+        dtypes=list(_DTYPES.value), input_path=_INPUT_PATH.value)
   print()
   print("Command: python " + " ".join(sys.argv))
   print(report)

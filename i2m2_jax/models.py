@@ -217,8 +217,14 @@ def _encoder_for(key: str, shape: Sequence[int], model_config, joint: bool,
   kwargs = config_mapping(kwargs, f"config.model.encoder_kwargs.{key}")
   factory = ENCODERS[name]
   cls = getattr(factory, "func", factory)
-  if batch_axis_name and "bn_axis_name" in {f.name for f in dataclasses.fields(cls)}:
+  fields = {f.name for f in dataclasses.fields(cls)}
+  if batch_axis_name and "bn_axis_name" in fields:
     kwargs["bn_axis_name"] = batch_axis_name
+  if model_config.get("remat", False):
+    if "remat" in fields:  # the encoder rematerialises its own blocks (residual networks)
+      kwargs["remat"] = True
+    else:  # the whole encoder, recomputed in the backward pass; `train` (argument 2) is static
+      return nn.remat(cls, static_argnums=(2,))(**{**getattr(factory, "keywords", {}), **kwargs})
   return factory(**kwargs)
 
 
@@ -280,6 +286,9 @@ def build_model(model_config, modality_shapes: Mapping[str, Sequence[int]],
     if batch_axis_name:
       raise ValueError("config.model.implementation='fast' runs under config.parallel='jit' "
                        "only; use 'jit' (the same computation) or implementation='plain'.")
+    if model_config.get("remat", False):
+      raise ValueError("config.model.remat rematerialises the plain implementation's modules; "
+                       "set config.model.implementation='plain' or config.model.remat=False.")
     fast = importlib.import_module("i2m2_jax.fast")  # opt-in: never imported otherwise
     return fast.build_fast_model(model_config, modality_shapes, output_shape[0], layout=layout)
   num_outputs = 1

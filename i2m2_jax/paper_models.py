@@ -397,6 +397,7 @@ class PreActResNet(nn.Module):
   blocks: Sequence[int] = (2, 2, 2, 2)
   pooled_size: int = 10
   groups: int = 32
+  remat: bool = False  # recompute each block in the backward pass (config.model.remat)
 
   @nn.compact
   def __call__(self, x, train: bool = False):
@@ -406,10 +407,13 @@ class PreActResNet(nn.Module):
     if len(self.widths) != len(self.blocks):
       raise ValueError(f"PreActResNet: widths {tuple(self.widths)} and blocks "
                        f"{tuple(self.blocks)} must have one entry per stage.")
+    # Rematerialised, a block keeps only its input for the backward pass and recomputes the
+    # rest: activation memory falls to about one tensor per block, for one more forward pass.
+    block_cls = nn.remat(PreActBlock) if self.remat else PreActBlock
     x = resnet_conv(self.widths[0], 3, 1, "stem")(x)
     for stage, (width, count) in enumerate(zip(self.widths, self.blocks)):
       for block in range(count):
         stride = 2 if stage > 0 and block == 0 else 1
-        x = PreActBlock(width, stride, self.groups, name=f"stage_{stage}_block_{block}")(x)
+        x = block_cls(width, stride, self.groups, name=f"stage_{stage}_block_{block}")(x)
     x = adaptive_avg_pool(x, (self.pooled_size, self.pooled_size))
     return x.reshape(x.shape[0], -1)

@@ -136,14 +136,20 @@ def eval_step(state: TrainState, batch: Batch, present=None,
 # Compiled forms
 
 
+def _options(xla_defaults: bool, train: bool, extra_options: Mapping[str, Any] | None):
+  options = None if xla_defaults else compile_options.compiler_options(train=train)
+  return {**(options or {}), **extra_options} if extra_options else options
+
+
 def jit_train_step(task: Task, preprocess, mesh: Mesh, step_fn=train_step,
-                   xla_defaults: bool = False):
+                   xla_defaults: bool = False, extra_options: Mapping[str, Any] | None = None):
   """The jitted train step (state donated). `xla_defaults`: without the CPU compile options
-  (the benchmark's straightforward baseline)."""
+  (the benchmark's straightforward baseline); `extra_options`: XLA options added on top (the
+  benchmark's option-by-option study)."""
   repl, data = sharding.replicated(mesh), sharding.data_sharded(mesh)
   return jax.jit(functools.partial(step_fn, task=task, preprocess=preprocess),
                  in_shardings=(repl, data), out_shardings=(repl, repl), donate_argnums=0,
-                 compiler_options=None if xla_defaults else compile_options.compiler_options())
+                 compiler_options=_options(xla_defaults, True, extra_options))
 
 
 def pmapped_train_step(task: Task, preprocess, step_fn=pmap_train_step):
@@ -152,11 +158,12 @@ def pmapped_train_step(task: Task, preprocess, step_fn=pmap_train_step):
 
 
 def jit_eval_step(task: Task, preprocess, mesh: Mesh, *, without: bool = False,
-                  present=None, xla_defaults: bool = False):
+                  present=None, xla_defaults: bool = False,
+                  extra_options: Mapping[str, Any] | None = None):
   """The jitted eval step: `fn(state, batch)`, or with `without=True`
   `fn(state, batch, present, keep)` (missing inputs as traced arguments, see eval_step)."""
   repl, data = sharding.replicated(mesh), sharding.data_sharded(mesh)
-  options = None if xla_defaults else compile_options.compiler_options(train=False)
+  options = _options(xla_defaults, False, extra_options)
   outputs = {"sums": repl, "ranked": data}
   if without:
     return jax.jit(functools.partial(eval_step, task=task, preprocess=preprocess),

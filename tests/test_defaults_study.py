@@ -8,8 +8,9 @@ import sys
 import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-from experiments import defaults_study as study  # noqa: E402  pylint: disable=g-import-not-at-top
+from helpers import import_experiment  # noqa: E402
+
+study = import_experiment("defaults_study")
 
 
 def class_mean_spread(x, y):
