@@ -88,12 +88,12 @@ def get_config():
   # Activations in 'float32' or 'bfloat16' (mixed precision: parameters, optimiser state, BatchNorm
   # statistics and the product of experts stay float32). bfloat16 is for GPUs/TPUs, plain only.
   config.model.compute_dtype = "float32"
-  # Experts of one architecture (same encoder, head and input shape; fastMRI: all three) computed
-  # as one network vmapped over their parameters, which stay one subtree per expert (plain only).
-  config.model.stack_experts = False
   # Initialise experts from other runs' best checkpoints: "expert=workdir[,expert=workdir]",
   # e.g. "uni_image=runs/img,joint=runs/lf" (the paper's staged recipe).
   config.model.init_from = ""
+  # Experts of one architecture (same encoder, head and input shape; fastMRI: all three) computed
+  # as one network vmapped over their parameters, which stay one subtree per expert (plain only).
+  config.model.stack_experts = False
 
   config.data = ml_collections.ConfigDict()
   config.data.name = ""
