@@ -95,6 +95,9 @@ def get_config():
   # Initialise experts from other runs' best checkpoints: "expert=workdir[,expert=workdir]",
   # e.g. "uni_image=runs/img,joint=runs/lf" (the paper's staged recipe).
   config.model.init_from = ""
+  # Experts of one architecture (same encoder, head and input shape; fastMRI: all three) computed
+  # as one network vmapped over their parameters, which stay one subtree per expert (plain only).
+  config.model.stack_experts = False
 
   config.data = ml_collections.ConfigDict()
   config.data.name = ""

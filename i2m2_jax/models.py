@@ -19,6 +19,7 @@ import importlib
 import math
 from typing import Any, Callable, Mapping, Sequence
 
+from absl import logging
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -76,6 +77,12 @@ FUSIONS: dict[str, Callable[..., nn.Module]] = {
 }
 
 IMPLEMENTATIONS = ("plain", "fast")
+
+# Encoders whose first layer convolves the raw input: zero channels appended to the input, read
+# by zero kernel rows, change nothing. Experts on them that differ only in their input's channel
+# count (fastMRI: the joint expert reads 2, the uni-modal ones 1) are stacked with both padded
+# (config.model.stack_experts, modules.stacked_expert_logits).
+CHANNEL_PADDABLE_ENCODERS = (paper_models.PreActResNet, modules.CNNEncoder)
 
 
 def uni_expert_name(modality: str) -> str:
@@ -255,6 +262,36 @@ def build_expert(name: str, keys: Sequence[str], modality_shapes: Mapping[str, S
   return modules.LateFusionExpert(encoders=encoders, head=head, dropout_rate=dropout)
 
 
+def stack_groups(experts: Sequence[tuple[str, nn.Module]],
+                 modality_shapes: Mapping[str, Sequence[int]]) -> tuple[tuple[str, ...], ...]:
+  """The groups of experts computed as one network (config.model.stack_experts), in model
+  order: two or more experts that are one encoder and a head over one array
+  (modules.single_encoder) with equal encoders and heads, inputs of one shape (but for the
+  channel count with CHANNEL_PADDABLE_ENCODERS) and no dropout. Groups whose experts turn out to
+  hold BatchNorm statistics are computed expert by expert (modules.MultiModalClassifier)."""
+  groups: list[tuple[Any, list[str]]] = []
+  abstract_inputs = {k: jax.ShapeDtypeStruct((1, *s), jnp.float32)
+                     for k, s in modality_shapes.items()}
+  for name, expert in experts:
+    encoder = modules.single_encoder(expert)
+    if encoder is None:
+      continue
+    if any(getattr(m, "dropout_rate", 0.0) for m in (expert, encoder, expert.head)):
+      logging.info("config.model.stack_experts: expert %s has dropout, computed on its own.", name)
+      continue
+    shape = jax.eval_shape(expert.encoder_input, abstract_inputs).shape[1:]
+    key = (encoder, expert.head,
+           shape[:-1] if isinstance(encoder, CHANNEL_PADDABLE_ENCODERS) else shape)
+    match = next((names for k, names in groups if k == key), None)
+    if match is None:
+      groups.append((key, [name]))
+    else:
+      match.append(name)
+  stacks = tuple(tuple(names) for _, names in groups if len(names) > 1)
+  logging.info("config.model.stack_experts: experts computed as one network: %s.", stacks)
+  return stacks
+
+
 def build_model(model_config, modality_shapes: Mapping[str, Sequence[int]],
                 output_shape: int | Sequence[int], *, batch_axis_name: str | None = None
                 ) -> nn.Module:
@@ -263,7 +300,8 @@ def build_model(model_config, modality_shapes: Mapping[str, Sequence[int]],
   `output_shape`: the task's per-example logits shape ((C,), or (L, 2) for L binary labels; an
   int C means (C,)). `batch_axis_name`: the pmap axis, so that BatchNorm layers normalise with
   the statistics of the whole global batch. config.model.implementation (default 'plain') picks
-  how it is computed: 'plain' is a modules.MultiModalClassifier; 'fast' the CPU-tuned LeNet
+  how it is computed: 'plain' is a modules.MultiModalClassifier (with config.model.stack_experts,
+  experts of one architecture computed as one network: stack_groups); 'fast' the CPU-tuned LeNet
   classifier of i2m2_jax.fast (same function and variables).
   """
   if len(modality_shapes) < 1:
@@ -279,7 +317,13 @@ def build_model(model_config, modality_shapes: Mapping[str, Sequence[int]],
   if implementation not in IMPLEMENTATIONS:
     raise ValueError(f"config.model.implementation={implementation!r} is unknown; expected one "
                      f"of {list(IMPLEMENTATIONS)}.")
+  stack = model_config.get("stack_experts", False)
+  if not isinstance(stack, bool):
+    raise ValueError(f"config.model.stack_experts={stack!r}: expected True or False.")
   if implementation == "fast":
+    if stack:
+      raise ValueError("config.model.stack_experts stacks the experts of "
+                       "implementation='plain'; the fast one fuses its LeNets its own way.")
     if len(output_shape) != 1:
       raise ValueError(f"config.model.implementation='fast' serves single-label tasks; this "
                        f"task's outputs have shape {output_shape}. Use implementation='plain'.")
@@ -294,10 +338,11 @@ def build_model(model_config, modality_shapes: Mapping[str, Sequence[int]],
   num_outputs = 1
   for d in output_shape:
     num_outputs *= d
+  experts = tuple((name, build_expert(name, keys, modality_shapes, num_outputs, model_config,
+                                       batch_axis_name)) for name, keys in layout.items())
   return modules.MultiModalClassifier(
-      tuple((name, build_expert(name, keys, modality_shapes, num_outputs, model_config,
-                                batch_axis_name)) for name, keys in layout.items()),
-      output_shape=output_shape)
+      experts, output_shape=output_shape,
+      stacks=stack_groups(experts, modality_shapes) if stack else ())
 
 
 # ---------------------------------------------------------------------------------------------

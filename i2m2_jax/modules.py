@@ -10,7 +10,9 @@ Everything here is a pure flax.linen module, usable on its own in other JAX code
   stacks the modalities as channels of one input to one encoder (fastMRI's joint model);
 * `MultiModalClassifier` runs a set of named experts, shapes their logits to the task's output
   shape ([B, C], or [B, L, 2] for L binary labels) and combines them with the normalised product
-  of experts over the last axis. The model kinds of the paper are choices of that set.
+  of experts over the last axis. The model kinds of the paper are choices of that set. Experts
+  of one architecture can be computed as one network vmapped over their parameters
+  (`stacked_expert_logits`), each keeping its own parameters.
 
 `i2m2_jax.models.build_model` builds these from a config.
 """
@@ -19,6 +21,7 @@ from __future__ import annotations
 import functools
 from typing import Any, Mapping, Sequence
 
+from absl import logging
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -137,8 +140,11 @@ class UniModalExpert(nn.Module):
 
   @nn.compact
   def __call__(self, inputs: Mapping[str, jax.Array], train: bool = False):
-    features = self.encoder(inputs[self.modality], train)  # a module field: named "encoder"
+    features = self.encoder(self.encoder_input(inputs), train)  # a module field: "encoder"
     return apply_head(self, features, train)
+
+  def encoder_input(self, inputs: Mapping[str, jax.Array]) -> jax.Array:
+    return inputs[self.modality]
 
 
 class LateFusionExpert(nn.Module):
@@ -176,14 +182,59 @@ class ChannelStackExpert(nn.Module):
 
   @nn.compact
   def __call__(self, inputs: Mapping[str, jax.Array], train: bool = False):
+    features = self.encoders[0][1].clone(name="encoder", parent=self)(
+        self.encoder_input(inputs), train)
+    return apply_head(self, features, train)
+
+  def encoder_input(self, inputs: Mapping[str, jax.Array]) -> jax.Array:
+    """The inputs concatenated on their last axis, in order."""
     keys = [k for k, _ in self.encoders]
     shapes = {k: tuple(inputs[k].shape[:-1]) for k in keys}
     if len(set(shapes.values())) != 1:
       raise ValueError(f"The channel_stack fusion stacks its inputs on their last axis; they "
                        f"must agree on every other axis, got {shapes}.")
-    stacked = jnp.concatenate([inputs[k] for k in keys], axis=-1)
-    features = self.encoders[0][1].clone(name="encoder", parent=self)(stacked, train)
-    return apply_head(self, features, train)
+    return jnp.concatenate([inputs[k] for k in keys], axis=-1)
+
+
+def single_encoder(expert: nn.Module) -> nn.Module | None:
+  """The encoder of an expert that is one encoder and a head over one array
+  (`expert.encoder_input(inputs)`; parameters 'encoder' and 'head'), else None."""
+  if isinstance(expert, UniModalExpert):
+    return expert.encoder
+  if isinstance(expert, ChannelStackExpert):
+    return expert.encoders[0][1]
+  return None
+
+
+def stack_zero_padded(arrays: Sequence[jax.Array], axis: int) -> jax.Array:
+  """`arrays` stacked on a new leading axis, those narrower on `axis` zero-padded at its end to
+  the widest (every other axis must agree)."""
+  if len({a.shape for a in arrays}) == 1:
+    return jnp.stack(arrays)
+  size = max(a.shape[axis] for a in arrays)
+  return jnp.stack([jnp.pad(a, [(0, size - a.shape[axis]) if d == axis % a.ndim else (0, 0)
+                                for d in range(a.ndim)]) for a in arrays])
+
+
+def stacked_expert_logits(experts: Sequence[nn.Module], params: Sequence[Any],
+                          xs: Sequence[jax.Array], train: bool) -> list[jax.Array]:
+  """The logits [B, K] of experts of one architecture (models.stack_groups: equal encoders and
+  heads, one array each) computed as ONE network: the first expert's encoder and head vmapped
+  over the experts' parameters and inputs, each stacked on a new leading axis. Parameters stay
+  one subtree per expert (`params`, in order); their gradients come back through the stack.
+
+  Inputs narrower on their last (channel) axis are zero-padded to the widest, and so are the
+  parameter leaves narrower on their input axis (-2: a kernel's input channels): exact for an
+  encoder whose first layer convolves the raw input (models.CHANNEL_PADDABLE_ENCODERS), since
+  zero channels read by zero kernel rows add nothing.
+  """
+  first = experts[0]
+  template = UniModalExpert("x", single_encoder(first), first.head, first.dropout_rate,
+                            parent=None)
+  stacked_params = jax.tree.map(lambda *leaves: stack_zero_padded(leaves, -2), *params)
+  logits = jax.vmap(lambda p, x: template.apply({"params": p}, {"x": x}, train))(
+      stacked_params, stack_zero_padded(xs, -1))
+  return list(logits)
 
 
 class MultiModalClassifier(nn.Module):
@@ -195,16 +246,44 @@ class MultiModalClassifier(nn.Module):
   With one expert the product is that expert's log-softmax, so the same module serves every
   model kind. `present` (optional, bool [E] or [B, E] in expert order) drops experts from the
   product.
+
+  `stacks`: groups of expert names computed as one network (stacked_expert_logits; built by
+  models.stack_groups for config.model.stack_experts). Initialisation creates every expert on
+  its own, so the parameters are the same either way.
   """
   experts: Sequence[tuple[str, nn.Module]]
   output_shape: tuple[int, ...] | None = None
+  stacks: Sequence[Sequence[str]] = ()
 
   @nn.compact
   def __call__(self, inputs: Mapping[str, jax.Array], train: bool = False,
                present: jax.Array | None = None) -> dict[str, Any]:
+    stacked = {} if self.is_initializing() else self._stacked_logits(inputs, train)
     logits = {}
     for name, expert in self.experts:
-      out = expert.clone(name=name, parent=self, _deep_clone=True)(inputs, train)
+      out = stacked.get(name)
+      if out is None:
+        out = expert.clone(name=name, parent=self, _deep_clone=True)(inputs, train)
       logits[name] = out if self.output_shape is None else out.reshape(
           (out.shape[0],) + tuple(self.output_shape))
     return {"log_probs": product_of_experts(logits, present), "expert_logits": logits}
+
+  def _stacked_logits(self, inputs: Mapping[str, jax.Array], train: bool
+                      ) -> dict[str, jax.Array]:
+    """The logits of the experts of `stacks`, each group as one network; a group whose experts
+    hold variables besides parameters (BatchNorm statistics, which a stacked apply would not
+    update) or whose inputs differ in dtype is left to be computed expert by expert."""
+    experts, out = dict(self.experts), {}
+    for group in self.stacks:
+      xs = [experts[n].encoder_input(inputs) for n in group]
+      stateful = sorted({c for c, tree in self.variables.items() if c != "params"
+                         for n in group if n in tree})
+      if stateful or len({x.dtype for x in xs}) > 1:
+        logging.info("Stacked experts %s computed one by one: %s.", list(group),
+                     f"they hold {stateful}" if stateful else
+                     f"their inputs' dtypes differ ({[str(x.dtype) for x in xs]})")
+        continue
+      params = [self.variables["params"][n] for n in group]
+      out.update(zip(group, stacked_expert_logits([experts[n] for n in group], params, xs,
+                                                  train)))
+    return out
