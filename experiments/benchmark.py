@@ -1,8 +1,24 @@
-r"""Speed of the AV-MNIST I2M2 step, fast implementation against the plain one, in one run.
+r"""Speed and memory of the I2M2 train and eval steps (AV-MNIST or fastMRI), path by path, in one run.
 
   python experiments/benchmark.py --config configs/avmnist.py [--json bench.json]
   python experiments/benchmark.py --config configs/avmnist.py --steps 2 --batches 8 --quick
+  python experiments/benchmark.py --config configs/fastmri.py --hw 64 --batches 8,16 --json PATH
+  python experiments/benchmark.py --config configs/fastmri.py --hw 320 --batches 4 \
+      --paths plain_tuned,remat --memory_only          # memory per example, nothing timed
 
+fastMRI (configs/fastmri.py): the I2M2 of three PreActResNet-18 (magnitude, phase, and the joint
+one on both as 2 channels) with its AdamW, on standard-normal images hw x hw, four binary labels;
+the ResNets pool to max(1, hw // 32) per side (the paper's 10 at 320). FLOPs are XLA's count of
+the compiled steps (cost analysis), credited alike to every path; paths: plain, plain_tuned,
+remat (config.model.remat), stacked (config.model.stack_experts) and any path with XLA options
+added, `name+xla_option=value+...`
+(the option-by-option study in the README). Every row has path, mode, batch, hw (None for
+AV-MNIST's fixed shapes), dtype, examples_per_s, gflop_per_s, peak_bytes_per_example (XLA's
+memory analysis of the compiled step: its temporary buffers over the batch, i.e. activations
+kept for the backward pass and scratch; the parameters and optimiser state are state_bytes) and
+first_step_s (lowering, compilation and one step).
+
+AV-MNIST:
 Random uint8 data of the real shapes (image 28x28x1, audio 112x112x1; never zeros), so no data
 set is needed. For each path -- 'plain' (models.build_model's modules, the straightforward Flax
 version, compiled with XLA's default options), 'plain_tuned' (the same modules with the
@@ -128,6 +144,7 @@ PATHS = {
     "plain_tuned": ({"implementation": "plain"}, False),
     "fast": ({"implementation": "fast"}, False),             # AV-MNIST's LeNets only
     "remat": ({"implementation": "plain", "remat": True}, False),
+    "stacked": ({"implementation": "plain", "stack_experts": True}, False),  # one vmapped network
 }
 
 
