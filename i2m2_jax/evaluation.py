@@ -147,6 +147,6 @@ def evaluate_attribution(state, source, dataset: Dataset, task: Task, batch_size
     return {"sums": attribution.attribution_sums(outputs, batch), "ranked": {}}
 
   eval_fn = jax.jit(step, in_shardings=(repl, data), out_shardings={"sums": repl, "ranked": repl},
-                    compiler_options=compile_options.compiler_options(train=False))
+                    compiler_options=compile_options.compiler_options())
   return evaluate(eval_fn, state, source, dataset, task, batch_size, mesh,
                   summarize=lambda sums, _: attribution.summarize(sums))

@@ -174,7 +174,7 @@ def _jit_corrupted_eval_step(task, preprocess, mesh, modality: str, kind: str,
   repl, data = sharding.replicated(mesh), sharding.data_sharded(mesh)
   return jax.jit(step, in_shardings=(repl, data, repl, repl),
                  out_shardings={"sums": repl, "ranked": data},
-                 compiler_options=compile_options.compiler_options(train=False))
+                 compiler_options=compile_options.compiler_options())
 
 
 def evaluate_robustness(predictor, source, *, kinds: Any = None,

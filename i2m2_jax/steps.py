@@ -136,8 +136,8 @@ def eval_step(state: TrainState, batch: Batch, present=None,
 # Compiled forms
 
 
-def _options(xla_defaults: bool, train: bool, extra_options: Mapping[str, Any] | None):
-  options = None if xla_defaults else compile_options.compiler_options(train=train)
+def _options(xla_defaults: bool, extra_options: Mapping[str, Any] | None):
+  options = None if xla_defaults else compile_options.compiler_options()
   return {**(options or {}), **extra_options} if extra_options else options
 
 
@@ -149,7 +149,7 @@ def jit_train_step(task: Task, preprocess, mesh: Mesh, step_fn=train_step,
   repl, data = sharding.replicated(mesh), sharding.data_sharded(mesh)
   return jax.jit(functools.partial(step_fn, task=task, preprocess=preprocess),
                  in_shardings=(repl, data), out_shardings=(repl, repl), donate_argnums=0,
-                 compiler_options=_options(xla_defaults, True, extra_options))
+                 compiler_options=_options(xla_defaults, extra_options))
 
 
 def pmapped_train_step(task: Task, preprocess, step_fn=pmap_train_step):
@@ -163,7 +163,7 @@ def jit_eval_step(task: Task, preprocess, mesh: Mesh, *, without: bool = False,
   """The jitted eval step: `fn(state, batch)`, or with `without=True`
   `fn(state, batch, present, keep)` (missing inputs as traced arguments, see eval_step)."""
   repl, data = sharding.replicated(mesh), sharding.data_sharded(mesh)
-  options = _options(xla_defaults, False, extra_options)
+  options = _options(xla_defaults, extra_options)
   outputs = {"sums": repl, "ranked": data}
   if without:
     return jax.jit(functools.partial(eval_step, task=task, preprocess=preprocess),

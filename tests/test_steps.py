@@ -114,21 +114,20 @@ def test_batch_is_sharded_over_the_data_axis(dataset):
   assert len(shards) == 2 and shards[0].data.shape == (8, 6)
 
 
-def test_eval_steps_compile_convolutions_with_xlas_own_implementation_on_cpu():
-  """Training keeps XLA's library (YNNPACK) convolutions, evaluation uses XLA's own: the choice
-  measured faster for each (compile_options.CPU_EVAL_OPTIONS)."""
+def test_steps_compile_convolutions_with_xlas_own_implementation_on_cpu():
+  """Train and eval steps leave convolutions to XLA's own implementation instead of its library
+  (YNNPACK) fusions: measured faster (compile_options.CPU_CONV_OPTIONS)."""
   if jax.default_backend() != "cpu":
     pytest.skip("CPU compile options")
   x, k = jnp.ones((2, 8, 8, 24)), jnp.ones((3, 3, 24, 32))  # > 16 channels: library-eligible
   conv = lambda x, k: jax.lax.conv_general_dilated(x, k, (1, 1), "SAME",  # noqa: E731
                                                    dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
-  def compiled(train):
-    return jax.jit(conv, compiler_options=compile_options.compiler_options(train)).lower(
-        x, k).compile().as_text()
+  def compiled(options):
+    return jax.jit(conv, compiler_options=options).lower(x, k).compile().as_text()
 
-  assert "__ynn_fusion" in compiled(True)
-  text = compiled(False)
+  assert "__ynn_fusion" in compiled(None)  # XLA's default
+  text = compiled(compile_options.compiler_options())
   assert "__ynn_fusion" not in text and " convolution(" in text
   # An option this XLA does not know is dropped, not fatal.
   assert not compile_options.accepted((("xla_cpu_no_such_option", True),))
