@@ -9,7 +9,7 @@
 # plus what they need that the machine lacks (promise, which has no wheel, as its package
 # folder). Without .whl/ the installed packages are used. Results go to $OUT (./gpu_out).
 #
-#   bash experiments/gpu_check.sh            # the full check, about 8 minutes
+#   bash experiments/gpu_check.sh            # the full check, about 15 minutes
 #   QUICK=1 bash experiments/gpu_check.sh    # plumbing only (small shapes; also runs on a CPU)
 set -u
 OUT=${OUT:-gpu_out}
@@ -41,6 +41,18 @@ fi
 timeout 280 "$PY" experiments/benchmark.py --config configs/avmnist.py $BENCH \
     --paths plain,fast --dtypes float32,bfloat16 --experts=false --input_path fast \
     --json "$OUT/bench_gpu.json" 2>&1 | grep -v -i "warning" | tee "$OUT/bench_gpu.txt"
+
+# 1b. fastMRI's I2M2 (three PreActResNet-18) at the paper's 320x320 in float32 and bfloat16,
+#     experts separate and stacked into one vmapped network (config.model.stack_experts), with
+#     the share of the card's matmul peak measured in the same run; and its memory per example.
+if [ "${QUICK:-0}" = 1 ]; then FM="--hw 32 --batches 4 --steps 2 --quick"
+else FM="--hw 320 --batches 16,64 --steps 5 --repeats 2"; fi
+timeout 300 "$PY" experiments/benchmark.py --config configs/fastmri.py $FM \
+    --paths plain,stacked --dtypes float32,bfloat16 --experts=false \
+    --json "$OUT/bench_fastmri_gpu.json" 2>&1 | grep -v -i "warning" | tee "$OUT/bench_fastmri_gpu.txt"
+timeout 120 "$PY" experiments/benchmark.py --config configs/fastmri.py --hw 320 --batches 16 \
+    --paths plain,remat --memory_only --memory_budget_gib 139 \
+    --json "$OUT/memory_fastmri_gpu.json" 2>&1 | tail -4 | tee "$OUT/memory_fastmri_gpu.txt"
 
 # 2. Accuracy: the AV-MNIST I2M2 (LeNet experts) on digits made into AV-MNIST files, trained
 #    from scratch in float32 and bfloat16 with the same seed.
