@@ -86,7 +86,9 @@ are dropped), estimated with `experiments/time_per_epoch.py` (random data of the
   (2-core AMD EPYC with AVX2, shared and loaded at the time, so the two experts, which cost the
   same, differ by 2x: read both as "about a week per epoch per expert"; I2M2 runs three experts.
   The memory is XLA's temporary buffers per training example, so batch 16 needs about 10 GiB.)
-  A full-size run needs an accelerator; the GPU time per epoch is not measured yet.
+  Measured before the trainer's CPU steps took XLA's own convolutions, which made the fastMRI
+  step 1.5-1.8x faster at 64 x 64 (README: Performance). A full-size run needs an accelerator;
+  the GPU time per epoch is not measured yet (no GPU was lent; experiments/gpu_check.sh has it).
 """
 import ml_collections
 
