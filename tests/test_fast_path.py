@@ -402,28 +402,22 @@ def test_benchmark_smoke_run_writes_json_rows(tmp_path):
   env = dict(os.environ, PYTHONPATH=ROOT)
   result = subprocess.run(
       [sys.executable, "experiments/benchmark.py", "--config", "configs/avmnist.py",
-       "--steps", "2", "--batches", "8", "--quick", "--compilation_cache", "--json", str(out),
-       "--dtypes", "float32,bfloat16"],
+       "--steps", "2", "--batches", "8", "--quick", "--compilation_cache", "--json", str(out)],
       cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
   assert result.returncode == 0, result.stderr[-3000:]
   rows = json.loads(out.read_text())
-  # The fast path computes in float32 only; plain (XLA's default options) and plain_tuned (the
-  # trainer's) run in both dtypes.
+  # (bfloat16 rows: tests/test_performance.py, in process; float32 keeps this subprocess short.)
   assert sorted((r["path"], r["dtype"], r["mode"], r["batch"]) for r in rows) == sorted(
-      [(p, "float32", m, 8) for p in ("plain", "plain_tuned", "fast") for m in ("train", "eval")]
-      + [(p, "bfloat16", m, 8) for p in ("plain", "plain_tuned") for m in ("train", "eval")])
+      [(p, "float32", m, 8) for p in ("plain", "plain_tuned", "fast") for m in ("train", "eval")])
   for r in rows:
     assert {"path", "mode", "batch", "examples_per_s", "step_ms", "gflop_per_s",
             "peak_fraction", "recompilations"} <= set(r)
     assert r["examples_per_s"] > 0 and r["recompilations"] == 0
   train = {r["path"]: r for r in rows if r["mode"] == "train" and r["dtype"] == "float32"}
   assert train["fast"]["speedup_vs_plain"] > 0 and train["plain_tuned"]["speedup_vs_plain"] > 0
-  low = [r for r in rows if r["dtype"] == "bfloat16"]
-  assert all(r["speedup_vs_float32"] > 0 and r["matmul_gflop_per_s"] > 0 for r in low)
   for key in ("input_wait_fraction", "input_wait_fraction_streamed"):
     assert 0 <= train["fast"][key] < 1
   assert train["fast"]["pipeline_examples_per_s"] > 0
   assert {"first_step_s", "compile_s"} <= set(train["plain"])
   assert all(r["recompilations_padded_eval"] == 0 for r in rows if r["mode"] == "eval")
   assert "| fast | float32 | train | 8 |" in result.stdout
-  assert "| plain | bfloat16 | train | 8 |" in result.stdout

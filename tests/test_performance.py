@@ -60,15 +60,19 @@ def test_benchmark_measures_the_fastmri_step_with_xla_options():
   options = "plain+xla_cpu_enable_fast_math=false"
   rows, report = benchmark.run(work, [2], steps=1, repeats=1, paths=["plain", options, "fast"],
                                experts=False, expert_paths=[], measure_input=False,
-                               input_rows=0, matmul_n=64, log=lambda _: None)
-  assert sorted((r["path"], r["mode"]) for r in rows) == sorted(
-      (p, m) for p in ("plain", options) for m in ("train", "eval"))  # fast: AV-MNIST only
+                               input_rows=0, matmul_n=64, log=lambda _: None,
+                               dtypes=("float32", "bfloat16"))
+  assert sorted((r["path"], r["dtype"], r["mode"]) for r in rows) == sorted(
+      (p, d, m) for p in ("plain", options) for d in ("float32", "bfloat16")
+      for m in ("train", "eval"))  # fast: AV-MNIST only
+  low = [r for r in rows if r["dtype"] == "bfloat16"]
+  assert all(r["speedup_vs_float32"] > 0 and r["matmul_gflop_per_s"] > 0 for r in low)
   assert "fast implements AV-MNIST's LeNet models only" in report
   for r in rows:
     assert {"path", "mode", "batch", "hw", "dtype", "examples_per_s", "gflop_per_s",
             "peak_bytes_per_example", "first_step_s"} <= set(r)
     assert r["hw"] == 16 and r["examples_per_s"] > 0 and r["peak_bytes_per_example"] > 0
-  train = {r["path"]: r for r in rows if r["mode"] == "train"}
+  train = {r["path"]: r for r in rows if r["mode"] == "train" and r["dtype"] == "float32"}
   # The same function on both paths, credited the same XLA FLOP count per example.
   flops = {p: r["gflop_per_s"] / r["examples_per_s"] for p, r in train.items()}
   assert flops["plain"] == pytest.approx(flops[options], rel=1e-6) and flops["plain"] > 0

@@ -22,9 +22,9 @@ def regime_accuracies(tmp_path_factory, inter_strength, intra_strength):
   config.data.update(inter_strength=inter_strength, intra_strength=(intra_strength,),
                      num_train=2000, num_val=500, num_test=2000)
   config.batch_size = 64
-  config.num_train_steps = 400
+  config.num_train_steps = 200
   config.eval_every_steps = 50
-  config.log_every_steps = 400
+  config.log_every_steps = 200
   dataset = load_dataset(config.data)
   accuracies = {}
   for kind in ("intra", "inter", "i2m2"):
