@@ -349,6 +349,20 @@ def _fake_dataset(work: Workload, rows: int, seed: int):
                  label_names=work.label_names)
 
 
+def xla_analysis(compiled) -> dict[str, float]:
+  """XLA's analyses of a compiled step: temp_bytes (activations kept for the backward pass and
+  scratch: what grows with the batch), state_bytes (arguments: parameters, optimiser state,
+  batch; donated to a train step, so its new state reuses them), output_bytes (outputs not
+  aliased to an argument) and flops (XLA's count of the whole step)."""
+  memory = compiled.memory_analysis()
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost  # a list in older JAX
+  return {"temp_bytes": int(memory.temp_size_in_bytes),
+          "state_bytes": int(memory.argument_size_in_bytes),
+          "output_bytes": int(memory.output_size_in_bytes - memory.alias_size_in_bytes),
+          "flops": float((cost or {}).get("flops", float("nan")))}
+
+
 class Path:
   """One implementation (PATHS): its model, state and compiled steps."""
 
@@ -377,17 +391,8 @@ class Path:
 
   def compile_train(self, batch) -> dict[str, float]:
     """Compiles the train step for `batch`'s shapes (a later call reuses the executable) and
-    returns XLA's analyses of it: temp_bytes (activations kept for the backward pass and scratch:
-    what grows with the batch), state_bytes (arguments: parameters, optimiser state, batch;
-    donated, so the new state reuses them) and flops (XLA's count of the whole step)."""
-    compiled = self.train_fn.lower(self.state, batch).compile()
-    memory = compiled.memory_analysis()
-    cost = compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, (list, tuple)) else cost  # a list in older JAX
-    return {"temp_bytes": int(memory.temp_size_in_bytes),
-            "state_bytes": int(memory.argument_size_in_bytes),
-            "output_bytes": int(memory.output_size_in_bytes - memory.alias_size_in_bytes),
-            "flops": float((cost or {}).get("flops", float("nan")))}
+    returns XLA's analyses of it (xla_analysis)."""
+    return xla_analysis(self.train_fn.lower(self.state, batch).compile())
 
   def train(self, batch) -> float:
     """One synchronised train step; returns its seconds. The first per shape is compiled
@@ -414,11 +419,7 @@ class Path:
     t = time.perf_counter()
     first = None
     if size not in self.eval_first:
-      compiled = self.eval_fn.lower(self.state, batch).compile()
-      cost = compiled.cost_analysis()
-      cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-      first = {"flops": float((cost or {}).get("flops", float("nan"))),
-               "temp_bytes": int(compiled.memory_analysis().temp_size_in_bytes)}
+      first = xla_analysis(self.eval_fn.lower(self.state, batch).compile())
     out = self.eval_fn(self.state, batch)
     sharding.to_host(out["sums"])
     elapsed = time.perf_counter() - t
@@ -530,7 +531,8 @@ def memory_rows(work: Workload, batches: Sequence[int], paths: Sequence[str],
       per_example = a["temp_bytes"] / b
       rows.append({"path": p, "mode": "train", "batch": b, "hw": work.hw, "dtype": "float32",
                    "peak_bytes_per_example": per_example, "state_bytes": a["state_bytes"],
-                   "temp_bytes": a["temp_bytes"], "compile_s": time.perf_counter() - t,
+                   "temp_bytes": a["temp_bytes"], "output_bytes": a["output_bytes"],
+                   "compile_s": time.perf_counter() - t,
                    "max_batch_in_budget": int((budget_gib * 2 ** 30 - fixed) // per_example),
                    "budget_gib": budget_gib, "device": str(jax.devices()[0].device_kind)})
       log(f"{p} batch {b}: {per_example / 2 ** 20:.1f} MiB per example, state "

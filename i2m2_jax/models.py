@@ -254,9 +254,9 @@ def build_expert(name: str, keys: Sequence[str], modality_shapes: Mapping[str, S
   encoders = tuple((k, _encoder_for(k, modality_shapes[k], model_config, joint, batch_axis_name))
                    for k in keys)
   if joint:
-    return FUSIONS[model_config.get("fusion", "late_fusion")](encoders=encoders, head=head, dropout_rate=dropout,
-                           **config_mapping(model_config.get("fusion_kwargs"),
-                                           "config.model.fusion_kwargs"))
+    fusion = FUSIONS[model_config.get("fusion", "late_fusion")]  # checked by build_model
+    return fusion(encoders=encoders, head=head, dropout_rate=dropout,
+                  **config_mapping(model_config.get("fusion_kwargs"), "config.model.fusion_kwargs"))
   if len(encoders) == 1:
     return modules.UniModalExpert(keys[0], encoders[0][1], head, dropout)
   return modules.LateFusionExpert(encoders=encoders, head=head, dropout_rate=dropout)
