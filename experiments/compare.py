@@ -11,9 +11,9 @@ model is also evaluated with each modality corrupted at noise levels 0.0 .. 1.0 
 for all; i2m2_jax/robustness.py): DIR/robustness.md and DIR/robustness.png.
 Config overrides work as in i2m2_jax.main: --config.data.inter_strength=0.5.
 
-I2M2 trains from a random start, as the single command does; --i2m2_init=experts starts it from
-the uni and inter runs' best checkpoints (the paper's staged recipe; those runs are trained first
-even when --models leaves them out).
+I2M2 starts from the uni and inter runs' best checkpoints (--i2m2_init=experts, the default: the
+paper's staged recipe; those runs are trained first even when --models leaves them out);
+--i2m2_init=scratch trains it from a random start, as the single command does.
 --tune first picks each model kind's learning rate, weight decay and encoders on validation
 (experiments/tune.py's grid, DIR/tune.md) and compares the chosen runs.
 """
@@ -34,7 +34,8 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Output folder.")
 _SEEDS = flags.DEFINE_integer("seeds", 3, "Number of seeds (config.seed, config.seed + 1, ...).")
 _MODELS = flags.DEFINE_list("models", None, "Only these models (e.g. intra,inter,i2m2); default all.")
 _I2M2_INIT = flags.DEFINE_enum("i2m2_init", comparison.I2M2_INITS[0], comparison.I2M2_INITS,
-                               "scratch: I2M2 alone; experts: from the uni and inter runs.")
+                               "experts: I2M2 fine-tuned from the uni and inter runs; scratch: "
+                               "alone.")
 _TUNE = flags.DEFINE_bool("tune", False, "Tune every model kind on validation first (tune.py).")
 _BUDGET = flags.DEFINE_float("tune_budget_minutes", 60.0, "With --tune: the grid's time budget.")
 _ROBUSTNESS = flags.DEFINE_bool("robustness", False,

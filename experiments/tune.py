@@ -3,8 +3,8 @@ r"""Picks each model kind's learning rate, weight decay and encoders on validati
   python experiments/tune.py --config configs/npz.py --config.data.path=/data/my_task \
       --workdir runs/my_task_cmp [--models inter,i2m2] [--budget_minutes 60]
 
-Per model kind (uni per modality, intra, inter, i2m2; or --models, and with --i2m2_init=experts the
-runs I2M2 starts from)
+Per model kind (uni per modality, intra, inter, i2m2; or --models, and the runs I2M2 starts from
+unless --i2m2_init=scratch)
 a small grid (experiments/recipes/tuning.py): learning rate x weight decay x encoder family
 (sequences and images flattened, or read by a GRU/conv/CNN), the config's own values first, one
 seed, within the time budget. Each point trains in DIR/tune/<model>/<point>/seed_<s>; the best on

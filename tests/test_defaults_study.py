@@ -54,7 +54,7 @@ def test_smoke_study_writes_table_csv_and_chart(tmp_path):
   assert proc.returncode == 0, proc.stderr[-3000:]
   with open(tmp_path / "study.csv") as f:
     rows = list(csv.DictReader(f))
-  assert [r["set"] for r in rows] == ["seq_image"]
+  assert [r["set"] for r in rows] == ["seq_image"] and rows[0]["seeds"] == "1"
   for row in rows:
     values = {k: float(row[k]) for k in ("intra", "inter", "i2m2", "lr_concat", "mlp_concat")}
     assert all(0.0 <= v <= 1.0 for v in values.values())
@@ -67,5 +67,7 @@ def test_smoke_study_writes_table_csv_and_chart(tmp_path):
   with np.load(tmp_path / "data" / "seq_image" / "train.npz") as f:
     assert f["img"].dtype == np.uint8 and f["seq"].shape[1:] == (20, 4)
   assert (tmp_path / "runs" / "seq_image" / "i2m2" / "seed_0" / "results.json").exists()
+  # I2M2 was fine-tuned from the uni and inter runs (compare.py's default), trained beside it.
+  assert (tmp_path / "runs" / "seq_image" / "uni_img" / "seed_0" / "results.json").exists()
   table = (tmp_path / "study.md").read_text()
   assert "| seq_image | both |" in table and (tmp_path / "study.png").stat().st_size > 1000

@@ -49,7 +49,8 @@ def test_compare_writes_table_csv_and_chart(tmp_path):
           f"--config.data.data_dir={tmp_path / 'tfds'}"]
   proc = run(args, tmp_path)
   assert proc.returncode == 0, proc.stderr[-3000:]
-  models = ["uni_m0", "i2m2"]
+  # I2M2 starts from the uni and inter runs (--i2m2_init=experts), so they are trained too.
+  models = ["uni_m0", "uni_m1", "inter", "i2m2"]
   with open(workdir / "comparison.csv") as f:
     rows = list(csv.DictReader(f))
   assert [r["model"] for r in rows] == models
@@ -66,6 +67,8 @@ def test_compare_writes_table_csv_and_chart(tmp_path):
         result = json.load(f)
       assert result["seed"] == seed
       accuracies.append(result["test"]["accuracy"])
+  init_from = json.loads((workdir / "i2m2" / "seed_1" / "hparams.json").read_text())
+  assert str(workdir / "inter" / "seed_1") in json.dumps(init_from)
   mean = float(rows[0]["test/accuracy_mean"])
   assert mean == pytest.approx(sum(accuracies[:2]) / 2)
   # Each model's accuracy without each modality, from results.json.
@@ -75,7 +78,7 @@ def test_compare_writes_table_csv_and_chart(tmp_path):
                 ["missing_modality"]["m1"]["accuracy"] for s in (0, 1)]
   cells = {m: [c.strip() for c in missing.split(f"| {m} | 2 |")[1].split("\n")[0].split("|")]
            for m in models}
-  assert cells["i2m2"][0].startswith(f"{100 * (accuracies[2] + accuracies[3]) / 2:.2f} ± ")
+  assert cells["i2m2"][0].startswith(f"{100 * (accuracies[-2] + accuracies[-1]) / 2:.2f} ± ")
   assert cells["i2m2"][2].startswith(f"{100 * (without_m1[0] + without_m1[1]) / 2:.2f} ± ")
   assert cells["uni_m0"][1] == "–"  # uni on m0 cannot predict without m0
 
