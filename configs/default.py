@@ -95,6 +95,10 @@ def get_config():
   # Initialise experts from other runs' best checkpoints: "expert=workdir[,expert=workdir]",
   # e.g. "uni_image=runs/img,joint=runs/lf" (the paper's staged recipe).
   config.model.init_from = ""
+  # How `python -m i2m2_jax.main` trains kind i2m2 without init_from: "scratch" (every expert
+  # together from a random start) or "experts" (the staged recipe: the uni and inter runs first,
+  # in WORKDIR/experts/, then I2M2 fine-tuned from them; i2m2_jax/studies.py train_i2m2).
+  config.model.i2m2_init = "scratch"
   # Experts of one architecture (same encoder, head and input shape; fastMRI: all three) computed
   # as one network vmapped over their parameters, which stay one subtree per expert (plain only).
   config.model.stack_experts = False

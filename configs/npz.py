@@ -11,9 +11,10 @@ in a config file, `config.model.encoder_kwargs.<modality>`).
 
 Each model is trained to its best on validation: up to 200 epochs (2,000..30,000 steps) at a
 constant learning rate, early stopping after 10 evaluations without a gain, weight decay scaled
-to the training-set size. experiments/defaults_study.py measured these defaults on a dozen data
-sets against scikit-learn references (README "Your own data"); experiments/tune.py searches
-around them.
+to the training-set size. experiments/compare.py fine-tunes I2M2 from the uni and inter runs
+(the paper's staged recipe); this command alone trains it from scratch.
+experiments/defaults_study.py measured these defaults on thirteen data sets against
+scikit-learn references (README "Your own data"); experiments/tune.py searches around them.
 
   python -m i2m2_jax.main --config configs/npz.py --workdir runs/mydata_i2m2 \\
       --config.data.path=/path/to/folder
@@ -54,6 +55,9 @@ def get_config(arg=None):
   config.optimizer.schedule = "constant"
   config.optimizer.weight_decay = 1.0
   config.optimizer.weight_decay_examples = 10000
+  # I2M2 fine-tuned from its experts trained alone (WORKDIR/experts/): from scratch the
+  # uni-modal experts over-fit inside the product on some of the study's sets.
+  config.model.i2m2_init = "experts"
 
   if arg == "smoke":
     default.shrink_for_smoke(config)

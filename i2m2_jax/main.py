@@ -4,6 +4,10 @@ r"""Trains one model kind on one data set.
   python -m i2m2_jax.main --config configs/synthetic.py:smoke --workdir /tmp/s \
       --config.model.kind=intra --config.optimizer.learning_rate=0.01
 
+With config.model.i2m2_init='experts' (configs/npz.py), kind i2m2 is trained as the paper's
+staged recipe: each uni-modal expert and the joint one alone in --workdir/experts/, then I2M2
+from their best checkpoints (i2m2_jax/studies.py train_i2m2).
+
 Restarts: run the same command again; it resumes from the latest complete checkpoint in
 --workdir and ends exactly as an uninterrupted run would. On SIGTERM the run finishes its step,
 saves a checkpoint and exits with status 143 (128 + SIGTERM) after logging "Stopped by SIGTERM at
@@ -26,6 +30,7 @@ import jax
 from ml_collections import config_flags
 
 from i2m2_jax import host_memory
+from i2m2_jax import studies
 from i2m2_jax import train_lib
 from i2m2_jax import writers
 
@@ -85,7 +90,7 @@ def main(argv):
   logging.info("JAX process %d of %d, local devices %s", jax.process_index(), jax.process_count(),
                jax.local_devices())
   try:
-    train_lib.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    studies.train_i2m2(_CONFIG.value, _WORKDIR.value)
   except train_lib.Preempted as e:
     logging.warning("%s", e)
     sys.exit(EXIT_PREEMPTED)

@@ -135,6 +135,37 @@ def train_or_read(config, directory: str, dataset) -> dict[str, Any]:
   return results
 
 
+I2M2_INITS = ("scratch", "experts")  # config.model.i2m2_init
+
+
+def train_i2m2(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """Trains config.model.kind as train_lib.train_and_evaluate does, except that I2M2 with
+  config.model.i2m2_init='experts' (and no init_from of its own) follows the paper's staged
+  recipe in one workdir: each uni-modal expert alone (kind uni) and the joint one (kind inter)
+  in DIR/experts/<uni_m | inter>, read back or resumed as any study run, then I2M2 in DIR with
+  its experts initialised from their best checkpoints and fine-tuned."""
+  if config.model.get("i2m2_init", "scratch") not in I2M2_INITS:
+    raise ValueError(f"config.model.i2m2_init={config.model.i2m2_init!r} is unknown; expected "
+                     f"one of {list(I2M2_INITS)}.")
+  if (config.model.kind != "i2m2" or config.model.get("i2m2_init") != "experts"
+      or config.model.init_from):
+    return train_lib.train_and_evaluate(config, workdir)
+  from i2m2_jax.datasets import load_dataset  # pylint: disable=g-import-not-at-top
+  from i2m2_jax.models import JOINT, uni_expert_name  # pylint: disable=g-import-not-at-top
+  dataset = load_dataset(config.data)
+  stages = {uni_expert_name(m): ("uni", m) for m in dataset.modalities} | {JOINT: ("inter", "")}
+  init_from = []
+  for expert, (kind, modality) in stages.items():
+    stage = config.copy_and_resolve_references()
+    stage.model.kind, stage.model.modality = kind, modality
+    directory = os.path.abspath(os.path.join(workdir, "experts", expert if modality else kind))
+    train_or_read(stage, directory, dataset)
+    init_from.append(f"{expert}={directory}")
+  config = config.copy_and_resolve_references()
+  config.model.init_from = ",".join(init_from)
+  return train_lib.train_and_evaluate(config, workdir, dataset=dataset)
+
+
 def run_study(runs: Sequence[Run], workdir: str, seeds: Sequence[int],
               dataset) -> dict[str, list[dict[str, Any]]]:
   """Trains (or reads back) every run for every seed, all on `dataset`, in dependency order.

@@ -99,3 +99,41 @@ def test_write_table_orders_rows_blanks_unshown_cells_and_writes_three_files(tmp
   with pytest.raises(ValueError, match="chart"):
     studies.Table(name="t", title="", intro="", metrics=["test/auroc"],
                   chart_metric="test/accuracy")
+
+
+
+def test_train_i2m2_from_experts_trains_each_expert_alone_first(tmp_path, monkeypatch):
+  """config.model.i2m2_init='experts' (configs/npz.py): main trains uni per modality and inter in
+  WORKDIR/experts/, then I2M2 in WORKDIR from their checkpoints; a second start reads them back."""
+  import i2m2_jax.datasets  # pylint: disable=g-import-not-at-top
+  dataset = ml_collections.ConfigDict({"modalities": {"a": (3,), "b": (2, 2)}})
+  calls = helpers.fake_training(monkeypatch, lambda cfg: {"model": cfg.model.kind}, dataset)
+  monkeypatch.setattr(i2m2_jax.datasets, "load_dataset", lambda data_config: dataset)
+  monkeypatch.chdir(tmp_path)
+  cfg = ml_collections.ConfigDict({"seed": 1, "data": {}, "model": {
+      "kind": "i2m2", "modality": "", "init_from": "", "i2m2_init": "experts"}})
+  studies.train_i2m2(cfg, "run")
+  experts = {"uni_a": "run/experts/uni_a", "uni_b": "run/experts/uni_b",
+             "joint": "run/experts/inter"}
+  assert [(d, s) for d, s, _ in calls] == [(d, 1) for d in experts.values()] + [("run", 1)]
+  assert calls[-1][2] == ",".join(f"{e}={tmp_path}/{d}" for e, d in experts.items())
+  with open("run/experts/uni_b/results.json") as f:
+    assert '"uni"' in f.read()
+  calls.clear()
+  os.remove("run/results.json")
+  studies.train_i2m2(cfg, "run")  # the experts are read back, I2M2 trained (resumed) again
+  assert [d for d, _, _ in calls] == ["run"]
+
+  # Other kinds, scratch, or an init_from of the user's own: one run, as train_and_evaluate
+  # (which loads the data itself).
+  calls = helpers.fake_training(monkeypatch, lambda cfg: {"model": cfg.model.kind}, None)
+  for kind, init, own in (("inter", "experts", ""), ("i2m2", "scratch", ""),
+                          ("i2m2", "experts", "joint=elsewhere")):
+    calls.clear()
+    cfg.model.update(kind=kind, i2m2_init=init, init_from=own)
+    studies.train_i2m2(cfg, f"single_{kind}_{init}")
+    assert [(d, i) for d, _, i in calls] == [(f"single_{kind}_{init}", own)]
+  cfg.model.i2m2_init = "staged"
+  with pytest.raises(ValueError, match=r"config.model.i2m2_init='staged' is unknown; expected "
+                                       r"one of \['scratch', 'experts'\]"):
+    studies.train_i2m2(cfg, "bad")

@@ -237,6 +237,12 @@ def test_multilabel_npz_trains_through_the_command_line(tmp_path):
   assert results["data"]["fingerprint"].startswith("sha256:")
   assert results["data"]["source"] == folder
   assert results["missing_modality"]["seq"]["experts_used"] == ["uni_vec"]
+  # configs/npz.py trains I2M2 from its experts, each trained alone first in WORKDIR/experts/.
+  for stage in ("uni_vec", "uni_seq", "inter"):
+    with open(tmp_path / "run" / "experts" / stage / "results.json") as f:
+      assert json.load(f)["task"] == "multilabel"
+  hparams = json.loads((tmp_path / "run" / "hparams.json").read_text())
+  assert f"joint={tmp_path / 'run' / 'experts' / 'inter'}" in hparams["model.init_from"]
 
 
 def test_soft_label_npz_trains_through_the_command_line(tmp_path):
