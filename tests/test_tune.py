@@ -64,9 +64,11 @@ def test_tune_chooses_on_validation_links_the_choice_and_compare_reads_it(fake_t
     link = tmp_path / label / "seed_0"
     assert os.path.islink(link) and json.loads((link / "results.json").read_text())[
         "val"]["accuracy"] == pytest.approx(0.67)
-  # Every I2M2 point starts from the chosen uni and inter runs (the links).
+  # Every I2M2 point starts from the chosen uni and inter runs (the links), at their encoders:
+  # learning rate x weight decay only.
   i2m2_calls = [init for d, _, init in fake_training if "/tune/i2m2/" in d]
-  assert len(i2m2_calls) == len(tuning.grid(config, DATASET.modalities))
+  assert len(i2m2_calls) == len(tuning.LEARNING_RATE_FACTORS) * len(tuning.WEIGHT_DECAY_FACTORS)
+  assert all("seq-conv1d" in d for d, _, _ in fake_training if "/tune/i2m2/" in d)
   assert all(f"joint={tmp_path / 'inter' / 'seed_0'}" in init for init in i2m2_calls)
   table = (tmp_path / "tune.md").read_text()
   assert table.count("| yes |") == 4 and (tmp_path / "tune.png").exists()
@@ -86,3 +88,26 @@ def test_time_budget_keeps_each_kinds_own_point(fake_training, tmp_path):
                       .label() / "seed_0")]
   assert chosen["inter"].config.optimizer.learning_rate == config.optimizer.learning_rate
   assert "skipped (time budget)" in (tmp_path / "tune.md").read_text()
+
+
+def test_i2m2_takes_the_joint_sources_encoders_and_leaves_out_a_mismatched_expert(
+    monkeypatch, tmp_path):
+  """uni_seq prefers the flattened sequence, inter the conv1d: I2M2 reads the sequence with
+  conv1d (as its joint source) and its uni_seq expert starts from scratch, not from a checkpoint
+  of another shape (the failure `compare.py --tune` hit on the study's seq_image set)."""
+  def results(cfg):
+    flat = "conv1d" not in cfg.model.encoders
+    val = 0.6 + 0.1 * (flat == (cfg.model.kind == "uni"))
+    return {"model": cfg.model.kind, "seed": cfg.seed, "selection_metric": "accuracy",
+            "val": {"accuracy": val}, "test": {"accuracy": 0.4}, "best_step": 7, "wall_s": 1.0}
+  calls = helpers.fake_training(monkeypatch, results, DATASET)
+  config = npz.get_config()
+  runs = comparison.model_runs(config, list(DATASET.modalities), ["i2m2"], "experts")
+  chosen = tuning.tune(runs, str(tmp_path), DATASET, budget_s=1e6)
+  assert chosen["uni_seq"].config.model.encoders == ""
+  assert chosen["inter"].config.model.encoders == "seq=conv1d"
+  assert chosen["i2m2"].config.model.encoders == "seq=conv1d"
+  assert set(chosen["i2m2"].init_from) == {"uni_vec", "joint"}
+  i2m2_inits = [init for d, _, init in calls if "/tune/i2m2/" in d]
+  assert i2m2_inits and all("uni_seq=" not in i and "uni_vec=" in i for i in i2m2_inits)
+  assert "uni_seq from scratch" in (tmp_path / "tune.md").read_text()

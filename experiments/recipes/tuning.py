@@ -93,6 +93,32 @@ def link_chosen(workdir: str, label: str, point_label: str, seed: int) -> None:
   os.symlink(os.path.relpath(target, os.path.dirname(link)), link)
 
 
+def _from_chosen(run: studies.Run, points: Sequence[Point], chosen: Mapping[str, studies.Run],
+                 modalities: Mapping[str, Sequence[int]]):
+  """A run that starts from others' checkpoints must read its inputs with their encoders: its
+  points are learning rate x weight decay at the encoders chosen for its joint source (else its
+  first source), and an expert whose source chose other encoders for its modality starts from
+  scratch. Returns (points, init_from, a note of the experts left out or '')."""
+  sources = {expert: chosen[label] for expert, label in run.init_from.items()}
+  lead = sources.get(models.JOINT) or next(iter(sources.values()))
+  encoders = lead.config.model.get("encoders", "")
+  own = points[0].encoders
+  points = [dataclasses.replace(p, encoders=encoders) for p in points if p.encoders == own]
+  target = run.config.model.copy_and_resolve_references()
+  target.encoders = encoders
+
+  def reads_alike(expert, source):
+    return all(models.encoder_name(source.config.model, m, shape)
+               == models.encoder_name(target, m, shape)
+               for m, shape in modalities.items() if expert in (models.JOINT,
+                                                                 models.uni_expert_name(m)))
+  kept = {e: run.init_from[e] for e, source in sources.items() if reads_alike(e, source)}
+  left = sorted(set(run.init_from) - set(kept))
+  note = (f"{', '.join(left)} from scratch: their chosen runs read the inputs with other encoders "
+          f"than {encoders or 'the defaults'}" if left else "")
+  return points, kept, note
+
+
 def tune(runs: Sequence[studies.Run], workdir: str, dataset,
          budget_s: float) -> dict[str, studies.Run]:
   """Tunes each run's config in dependency order (a run that initialises from others starts from
@@ -107,14 +133,19 @@ def tune(runs: Sequence[studies.Run], workdir: str, dataset,
     better = tasks.build_task(run.config.get("task"), dataset).direction(
         run.config.get("selection_metric", "")) == tasks.MAX
     anchors = [chosen[label] for label in sorted(set(run.init_from.values()))]
+    points, init_from = grid(run.config, dataset.modalities), run.init_from
+    if init_from:
+      points, init_from, note = _from_chosen(run, points, chosen, dataset.modalities)
+      if note:
+        marks[f"{run.label} (all points)"] = note
     best = None
-    for i, point in enumerate(grid(run.config, dataset.modalities)):
+    for i, point in enumerate(points):
       row = f"{run.label} {point.label()}"
       if i and time.monotonic() > deadline:
         marks[row] = "skipped (time budget)"
         continue
       candidate = studies.Run(f"tune/{run.label}/{point.label()}",
-                              point_config(run.config, point), run.init_from)
+                              point_config(run.config, point), init_from)
       result = studies.run_study([*anchors, candidate], workdir, [seed],
                                  dataset)[candidate.label][0]
       results[row] = [result]
@@ -124,7 +155,7 @@ def tune(runs: Sequence[studies.Run], workdir: str, dataset,
     value, row, point, config = best
     marks[row] = "chosen"
     link_chosen(workdir, run.label, point.label(), seed)
-    chosen[run.label] = dataclasses.replace(run, config=config)
+    chosen[run.label] = dataclasses.replace(run, config=config, init_from=init_from)
     logging.info("Tuning %s: chose %s (validation %.4f).", run.label, point.label(), value)
   studies.write_table(workdir, studies.Table(
       name="tune", title="Tuning grid: one run per point, chosen on validation",
