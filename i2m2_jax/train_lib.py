@@ -165,15 +165,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   eval_every = (config.eval_every_steps if config.eval_every_steps > 0 else
                 max(steps_per_epoch, config.get("min_steps_between_evals", 1)))
   ckpt_every = config.checkpoint_every_steps if config.checkpoint_every_steps > 0 else eval_every
-  log = _TrainLog(task, exp.schedule, writer, total_steps, start_step, config, is_main)
+  log = _TrainLog(task, exp.schedule, writer, total_steps, start_step, config, is_main,
+                  sums=meta.get("train_sums"))
   last_saved = start_step or None
 
   def save(step, state, metrics_=None):
     nonlocal last_saved
     log.flush_pending()  # this step's sums are checked (finite) before it is saved
     writer.flush()       # a checkpoint never exists without the logs up to it
-    ckpt.save(step, host_state(state), metrics=metrics_,
-              meta={"config": config.to_dict(), "history": history}, force=True)
+    # The train sums since the last log step go with it, so that a run resumed from a step
+    # between log steps (SIGTERM) logs the same window means as an uninterrupted run.
+    ckpt.save(step, host_state(state), metrics=metrics_, force=True,
+              meta={"config": config.to_dict(), "history": history, "train_sums": log.sums})
     last_saved = step
 
   stop = _StopSignal()
@@ -296,14 +299,15 @@ class _TrainLog:
   """
 
   def __init__(self, task: tasks.Task, schedule, writer: writers.MetricWriter, total_steps: int,
-               start_step: int, config, is_main: bool):
+               start_step: int, config, is_main: bool, sums: Mapping[str, Any] | None = None):
     self._task, self._schedule, self._writer = task, schedule, writer
     self._total, self._batch_size = total_steps, config.batch_size
     self._log_every = max(config.log_every_steps, 1)
     self._pmap = config.parallel == "pmap"
     self._progress = writers.ProgressBar(total_steps, start_step, enabled=is_main)
     self._pending = None   # (step, sums on the device, last saved step) of the dispatched step
-    self._sums = None      # train sums since the last log step
+    # train sums since the last log step (restored from the checkpoint on resume)
+    self._sums = {k: metrics.to_host(v) for k, v in sums.items()} if sums else None
     self._time, self._examples, self._last = 0.0, 0, None
 
   def step_dispatched(self, step: int, device_sums, last_saved: int | None) -> None:
@@ -337,6 +341,10 @@ class _TrainLog:
       self._sums = None
     else:
       self._progress.update(step, None)
+
+  @property
+  def sums(self) -> dict[str, np.ndarray] | None:
+    return self._sums
 
   def restart_timer(self) -> None:
     self._last = None

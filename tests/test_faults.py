@@ -186,13 +186,31 @@ def test_sigkill_and_sigterm_then_resume_match_an_uninterrupted_run(tmp_path, tm
     same_results(json.load(f), full)
   chex.assert_trees_all_equal(saved_state(workdir, 80), saved_state(tmp_path / "full", 80))
 
-  def logged(path):
-    """The logged rows without timings; each step once (replayed steps replace their rows)."""
-    with open(path / "metrics.jsonl") as f:
-      rows = [{k: v for k, v in row.items() if "per_s" not in k} for row in map(json.loads, f)]
-    assert len({row["step"] for row in rows}) == len(rows)
-    return rows
-  assert logged(workdir) == logged(tmp_path / "full")
+  assert logged_rows(workdir) == logged_rows(tmp_path / "full")
+
+
+def logged_rows(workdir):
+  """metrics.jsonl without timings; each step once (replayed steps replace their rows)."""
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    rows = [{k: v for k, v in row.items() if "per_s" not in k} for row in map(json.loads, f)]
+  assert len({row["step"] for row in rows}) == len(rows)
+  return rows
+
+
+def test_preempted_between_log_steps_resumes_the_same_train_log(dataset, baseline, tmp_path,
+                                                                monkeypatch):
+  """A stop at step 4 (logs every 3): the sums of step 4 go with its checkpoint, so the
+  resumed run's step-6 row averages steps 4..6 as the uninterrupted run's does."""
+  config = fast_config(keep_checkpoints=4, eval_missing_modalities=True)
+  workdir = str(tmp_path / "run")
+  monkeypatch.setattr(train_lib._StopSignal, "should_stop", lambda self, step: step == 4)
+  with pytest.raises(train_lib.Preempted, match="at step 4"):
+    train_lib.train_and_evaluate(config, workdir, dataset=dataset)
+  assert complete_steps(workdir) == [3, 4]
+  monkeypatch.undo()
+  results = train_lib.train_and_evaluate(config, workdir, dataset=dataset)
+  same_results(results, baseline[1])
+  assert logged_rows(workdir) == logged_rows(baseline[0])
 
 
 def test_partial_and_truncated_latest_steps_resume_from_the_previous_complete_one(
