@@ -11,8 +11,9 @@ in a config file, `config.model.encoder_kwargs.<modality>`).
 
 Each model is trained to its best on validation: up to 200 epochs (2,000..30,000 steps) at a
 constant learning rate, early stopping after 10 evaluations without a gain, weight decay scaled
-to the training-set size. experiments/compare.py fine-tunes I2M2 from the uni and inter runs
-(the paper's staged recipe); this command alone trains it from scratch.
+to the training-set size. I2M2 (the default kind) is trained in stages, as the paper does: each
+uni-modal expert and the joint model alone in WORKDIR/experts/, then I2M2 fine-tuned from their
+best checkpoints (`--config.model.i2m2_init=scratch` trains it alone from random weights).
 experiments/defaults_study.py measured these defaults on thirteen data sets against
 scikit-learn references (README "Your own data"); experiments/tune.py searches around them.
 

@@ -1,8 +1,8 @@
 """The optimiser (gradient clipping, then AdamW, SGD or RMSprop on a learning-rate schedule) and
 the whole-tree reductions it shares with the trainer's finiteness checks.
 
-Porting notes (PyTorch semantics, as the official code trains): SGD and RMSprop add L2 weight
-decay to the gradient after clipping; RMSprop uses PyTorch's defaults (decay 0.99, eps 1e-8
+Porting notes (PyTorch semantics, as the official code trains): Adam, SGD and RMSprop add L2
+weight decay to the gradient after clipping (torch.optim.Adam's weight_decay); RMSprop uses PyTorch's defaults (decay 0.99, eps 1e-8
 outside the square root); AdamW decays decoupled from the gradient.
 """
 from __future__ import annotations
@@ -16,7 +16,7 @@ import ml_collections
 import optax
 
 SCHEDULES = ("cosine", "constant")
-OPTIMIZERS = ("adamw", "sgd", "rmsprop")
+OPTIMIZERS = ("adamw", "adam", "sgd", "rmsprop")
 
 
 def learning_rate_schedule(opt: ml_collections.ConfigDict, num_train_steps: int) -> optax.Schedule:
@@ -57,10 +57,13 @@ def create_optimizer(opt: ml_collections.ConfigDict, num_train_steps: int,
   if opt.name == "adamw":
     chain.append(optax.adamw(schedule, b1=opt.get("beta1", 0.9), b2=opt.get("beta2", 0.999),
                              eps=opt.get("eps", 1e-8), weight_decay=decay))
-  elif opt.name in ("sgd", "rmsprop"):
+  elif opt.name in ("adam", "sgd", "rmsprop"):
     if decay:
       chain.append(optax.add_decayed_weights(decay))
-    if opt.name == "sgd":
+    if opt.name == "adam":
+      chain.append(optax.adam(schedule, b1=opt.get("beta1", 0.9), b2=opt.get("beta2", 0.999),
+                              eps=opt.get("eps", 1e-8)))
+    elif opt.name == "sgd":
       chain.append(optax.sgd(schedule, momentum=opt.momentum or None))
     else:  # PyTorch's RMSprop defaults
       chain.append(optax.rmsprop(schedule, decay=0.99, eps=1e-8, eps_in_sqrt=False))

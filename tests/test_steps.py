@@ -184,3 +184,25 @@ def test_weight_decay_scales_with_the_training_examples():
                                rtol=1e-6)
   opt.weight_decay_examples = 0  # off: as given, whatever the data
   assert optim.weight_decay(opt, 4000) == pytest.approx(2.0)
+
+
+def test_adam_adds_l2_decay_to_the_gradient_as_torch_adam_does():
+  """'adam': Adam on grad + wd * param (coupled L2, torch.optim.Adam(weight_decay=wd)), against a
+  float64 NumPy Adam over three steps with changing gradients."""
+  opt = ml_collections.ConfigDict({"name": "adam", "learning_rate": 0.05, "weight_decay": 0.3,
+                                   "weight_decay_examples": 0, "schedule": "constant",
+                                   "grad_clip_norm": 0.0})
+  rng = np.random.default_rng(0)
+  p = rng.normal(size=4)
+  params = {"w": jnp.asarray(p, jnp.float32)}
+  tx = optim.create_optimizer(opt, 10)
+  state = tx.init(params)
+  m, v = np.zeros(4), np.zeros(4)
+  for t in range(1, 4):
+    g = rng.normal(size=4)
+    updates, state = tx.update({"w": jnp.asarray(g, jnp.float32)}, state, params)
+    params = optax.apply_updates(params, updates)
+    g = g + 0.3 * p
+    m, v = 0.9 * m + 0.1 * g, 0.999 * v + 0.001 * g * g
+    p = p - 0.05 * (m / (1 - 0.9 ** t)) / (np.sqrt(v / (1 - 0.999 ** t)) + 1e-8)
+    np.testing.assert_allclose(np.asarray(params["w"]), p, rtol=1e-5, atol=1e-6)
