@@ -48,7 +48,7 @@ def get_config():
   config.eval.bootstrap_samples = 50
 
   config.optimizer = ml_collections.ConfigDict()
-  config.optimizer.name = "adamw"  # adamw | sgd | rmsprop
+  config.optimizer.name = "adamw"  # adamw | adam | sgd | rmsprop
   config.optimizer.learning_rate = 1e-3
   config.optimizer.weight_decay = 1e-4
   # > 0: weight_decay up to this many training examples, scaled by this / their number above
