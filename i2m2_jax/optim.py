@@ -1,9 +1,10 @@
-"""The optimiser (gradient clipping, then AdamW, SGD or RMSprop on a learning-rate schedule) and
-the whole-tree reductions it shares with the trainer's finiteness checks.
+"""The optimiser (gradient clipping, then AdamW, Adam, SGD or RMSprop on a learning-rate
+schedule) and the whole-tree reductions it shares with the trainer's finiteness checks.
 
 Porting notes (PyTorch semantics, as the official code trains): Adam, SGD and RMSprop add L2
-weight decay to the gradient after clipping (torch.optim.Adam's weight_decay); RMSprop uses PyTorch's defaults (decay 0.99, eps 1e-8
-outside the square root); AdamW decays decoupled from the gradient.
+weight decay to the gradient after clipping (torch.optim.Adam's weight_decay); RMSprop uses
+PyTorch's defaults (decay 0.99, eps 1e-8 outside the square root); AdamW decays decoupled from
+the gradient.
 """
 from __future__ import annotations
 
