@@ -14,7 +14,7 @@ constant learning rate, early stopping after 10 evaluations without a gain, an L
 to the training-set size. I2M2 (the default kind) is trained in stages, as the paper does: each
 uni-modal expert and the joint model alone in WORKDIR/experts/, then I2M2 fine-tuned from their
 best checkpoints (`--config.model.i2m2_init=scratch` trains it alone from random weights).
-experiments/defaults_study.py measured these defaults on thirteen data sets against
+experiments/defaults_study.py measured these defaults on fourteen data sets against
 scikit-learn references (README "Your own data"); experiments/tune.py searches around them.
 
   python -m i2m2_jax.main --config configs/npz.py --workdir runs/mydata_i2m2 \\

@@ -55,15 +55,15 @@ def create_optimizer(opt: ml_collections.ConfigDict, num_train_steps: int,
   chain = []
   if opt.grad_clip_norm > 0:
     chain.append(clip_by_global_norm(opt.grad_clip_norm))
+  adam_moments = dict(b1=opt.get("beta1", 0.9), b2=opt.get("beta2", 0.999),
+                      eps=opt.get("eps", 1e-8))
   if opt.name == "adamw":
-    chain.append(optax.adamw(schedule, b1=opt.get("beta1", 0.9), b2=opt.get("beta2", 0.999),
-                             eps=opt.get("eps", 1e-8), weight_decay=decay))
+    chain.append(optax.adamw(schedule, weight_decay=decay, **adam_moments))
   elif opt.name in ("adam", "sgd", "rmsprop"):
     if decay:
       chain.append(optax.add_decayed_weights(decay))
     if opt.name == "adam":
-      chain.append(optax.adam(schedule, b1=opt.get("beta1", 0.9), b2=opt.get("beta2", 0.999),
-                              eps=opt.get("eps", 1e-8)))
+      chain.append(optax.adam(schedule, **adam_moments))
     elif opt.name == "sgd":
       chain.append(optax.sgd(schedule, momentum=opt.momentum or None))
     else:  # PyTorch's RMSprop defaults
